@@ -25,7 +25,7 @@ VERBS = {
     "devices": ("list the device profiles export can target",
                 "edgetune.devices.config:DevicesConfig", "edgetune.devices.command"),
     "quickstart": ("train, evaluate, export and run the built-in demo end to end",
-                   "edgetune.quickstart_config:QuickstartConfig", "edgetune.quickstart"),
+                   "edgetune.quickstart:QuickstartConfig", "edgetune.quickstart"),
 }
 
 

@@ -52,7 +52,7 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.data is None:
+        if self.data is None and not self.resume:
             raise EdgetuneError("no training data: pass --data FILE.jsonl (or data: in the YAML)")
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "rank": self.rank}

@@ -1,0 +1,1 @@
+"""Datasets edgetune generates itself, for the quick start and the tests."""

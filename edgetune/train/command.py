@@ -1,0 +1,158 @@
+"""`edgetune train`: load, tokenize, train with LoRA/QLoRA, and leave a PEFT adapter in the run folder."""
+
+import dataclasses
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from edgetune import models
+from edgetune.config import as_dict
+from edgetune.errors import EdgetuneError
+from edgetune.train.config import TrainConfig
+from edgetune.train.data import Batches, encode, fit_to_length, read_jsonl, split
+
+RUN_CONFIG = "edgetune_run.yaml"
+# Settings a resumed run may change; everything else is taken from the run it continues.
+RESUMABLE = {"resume", "force", "progress", "threads", "ram", "save_every", "keep_checkpoints",
+             "cache_dir", "output"}
+
+
+def main(config: TrainConfig) -> int:
+    summary = train(config)
+    if summary.interrupted:
+        print(f"edgetune: interrupted at step {summary.steps}; checkpoint written. "
+              f"Continue with: edgetune train --resume --output {config.output}")
+        return 130
+    if summary.stopped_for_memory:
+        return 3
+    return 0
+
+
+def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> Any:
+    """Run `config` to completion (or interruption) and return the loop's Summary."""
+    import torch
+
+    from edgetune.train import model as model_lib
+    from edgetune.train.loop import Loop
+    from edgetune.train.memory import MemoryGuard
+    from edgetune.train.optim import cosine_schedule, make_optimizer
+
+    run_dir = Path(config.output)
+    config = _check_run_dir(config, run_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = model_lib.pick_device(config.device)
+    dtype = model_lib.pick_dtype(config.dtype, device)
+    model_dir = models.resolve(config.model, config.cache_dir)
+    tokenizer = _tokenizer(model_dir)
+    train_set, eval_set = load_examples(config, tokenizer)
+    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
+    total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    _prepare_run_dir(config, run_dir)
+
+    base = model_lib.load_base(model_dir, dtype, device, config.quant, config.double_quant)
+    model = model_lib.add_lora(base, config.rank, config.alpha, config.dropout, config.modules,
+                               config.seed, config.grad_checkpointing)
+    trainable, params = model_lib.parameter_counts(model)
+    print(f"edgetune: {config.model}: {params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
+          f"(LoRA rank {config.rank}); {len(train_set)} train / {len(eval_set)} eval examples; "
+          f"{total} steps on {device} in {str(dtype).removeprefix('torch.')}")
+    optimizer = make_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad],
+                               config.lr, config.weight_decay, device)
+    scheduler = cosine_schedule(optimizer, int(config.warmup * total), total)
+    batches = Batches(train_set, config.batch_size, config.seed, _pad_id(tokenizer))
+    guard = MemoryGuard(_budget(config.ram)) if config.ram else None
+    loop = Loop(model, optimizer, scheduler, batches, eval_set, run_dir, config, total, guard)
+    if config.resume:
+        from edgetune.train.checkpoint import completed
+
+        loop.restore(completed(run_dir)[-1])
+        print(f"edgetune: resuming {run_dir} at step {loop.step} of {total}")
+    summary = loop.run(on_step)
+    if summary.stopped_for_memory:
+        print(f"edgetune: stopped at step {summary.steps} to stay inside --ram {config.ram}: "
+              f"{guard.message}; checkpoint written. Try --grad-checkpointing, a smaller "
+              f"--batch-size or --seq-len, or --quant nf4 (see `edgetune plan`)")
+    elif not summary.interrupted:
+        from edgetune.train.checkpoint import save_adapter
+
+        save_adapter(run_dir, model)
+        tokenizer.save_pretrained(run_dir / "tokenizer")
+        _report(summary, run_dir)
+    return summary
+
+
+def _check_run_dir(config: TrainConfig, run_dir: Path) -> TrainConfig:
+    """Refuse to overwrite a run by accident; on --resume, continue the run's own settings."""
+    if config.resume:
+        saved_file = run_dir / RUN_CONFIG
+        if not saved_file.is_file():
+            raise EdgetuneError(f"--resume: {run_dir} is not an edgetune run (no {RUN_CONFIG})")
+        from edgetune.train.checkpoint import completed
+
+        if not completed(run_dir):
+            raise EdgetuneError(f"--resume: {run_dir} has no checkpoint to continue from")
+        saved = yaml.safe_load(saved_file.read_text())
+        given = {k: v for k, v in dataclasses.asdict(config).items() if k in RESUMABLE}
+        return TrainConfig(**{**saved, **given})
+    if run_dir.exists() and not config.force:
+        raise EdgetuneError(f"output folder {run_dir} exists: pass --force to replace it "
+                            "or --resume to continue it")
+    return config
+
+
+def _prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
+    """Only now, with the data checked, is an old run replaced."""
+    if config.resume:
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    tmp = run_dir / f".{RUN_CONFIG}.tmp"
+    tmp.write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
+    os.replace(tmp, run_dir / RUN_CONFIG)
+
+
+def _tokenizer(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def load_examples(config: TrainConfig, tokenizer: Any) -> tuple[list, list]:
+    """Tokenized (train, eval) examples, checked and truncated to --seq-len."""
+    fmt, records = read_jsonl(config.data)
+    examples = fit_to_length(encode(tokenizer, fmt, records), config.seq_len, config.data)
+    if config.eval_data:
+        eval_fmt, eval_records = read_jsonl(config.eval_data)
+        held = fit_to_length(encode(tokenizer, eval_fmt, eval_records), config.seq_len,
+                             config.eval_data)
+        return examples, held
+    return split(examples, config.eval_split, config.seed)
+
+
+def _budget(ram: str) -> int:
+    from edgetune.units import parse_size
+
+    return parse_size(ram)
+
+
+def _report(summary: Any, run_dir: Path) -> None:
+    parts = [f"{summary.steps} steps", f"{summary.tokens_per_s:.0f} tokens/s",
+             f"peak RSS {summary.peak_rss_bytes / 2**30:.2f} GiB"]
+    if summary.train_loss is not None:
+        parts.insert(1, f"train loss {summary.train_loss:.4f}")
+    if summary.eval_loss is not None:
+        parts.insert(2, f"eval loss {summary.eval_loss:.4f}")
+    print(f"edgetune: done: {', '.join(parts)}. Adapter in {run_dir}")

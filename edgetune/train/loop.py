@@ -1,0 +1,151 @@
+"""The training loop: one optimizer step at a time, with eval, checkpoints, logging and a memory guard."""
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from edgetune.train import checkpoint
+from edgetune.train.data import IGNORE, Batches, Example, collate
+from edgetune.train.loss import causal_lm_loss
+from edgetune.train.memory import MemoryGuard, peak_rss, rss
+
+
+@dataclass
+class Summary:
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens_per_s: float
+    peak_rss_bytes: int
+    interrupted: bool = False
+    stopped_for_memory: bool = False
+    history: list = field(default_factory=list)
+
+
+class Loop:
+    """State of one run: model, optimizer, schedule, data position and step."""
+
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any, batches: Batches,
+                 eval_examples: list[Example], run_dir: Path, config: Any, total_steps: int,
+                 guard: MemoryGuard | None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.batches, self.eval_examples, self.run_dir = batches, eval_examples, run_dir
+        self.config, self.total_steps, self.guard = config, total_steps, guard
+        self.step = 0
+        self.device = next(p.device for p in model.parameters())
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.history: list[dict] = []
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step over grad_accum micro-batches; returns (mean loss, tokens seen)."""
+        micro = [self._to_device(self.batches.next()) for _ in range(self.config.grad_accum)]
+        n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+        total = 0.0
+        self.model.train()
+        for batch in micro:
+            loss_sum, _ = causal_lm_loss(self.model, batch)
+            (loss_sum / n_labels).backward()
+            total += loss_sum.item()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / n_labels, sum(int(b["attention_mask"].sum()) for b in micro)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss over the validation set."""
+        if not self.eval_examples:
+            return None
+        self.model.eval()
+        total, count, size = 0.0, 0, self.config.batch_size
+        for start in range(0, len(self.eval_examples), size):
+            batch = collate(self.eval_examples[start:start + size], self.batches.pad_id)
+            loss_sum, n = causal_lm_loss(self.model, self._to_device(batch))
+            total, count = total + loss_sum.item(), count + n
+        self.model.train()
+        return total / max(count, 1)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "data": self.batches.state(), "history": self.history}
+
+    def restore(self, path: Path) -> None:
+        state = checkpoint.load(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state(state["data"])
+        self.history = state.get("history", [])
+        self.step = state["step"]
+        checkpoint.set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(self.run_dir, self.step, self.model, self.state(),
+                               self.config.keep_checkpoints)
+
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        with (self.run_dir / "train_log.jsonl").open("a") as stream:
+            stream.write(json.dumps(record) + "\n")
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> Summary:
+        """Train to `total_steps`; Ctrl-C or the memory guard ends early with a checkpoint."""
+        bar = _progress(self.config.progress, self.total_steps, self.step)
+        tokens, seconds, last_loss, eval_loss = 0, 0.0, None, None
+        interrupted = stopped = False
+        try:
+            while self.step < self.total_steps:
+                position = self.batches.state()
+                try:
+                    if on_step is not None:
+                        on_step(self.step)
+                    started = time.perf_counter()
+                    last_loss, n_tokens = self.train_step()
+                except KeyboardInterrupt:
+                    self.batches.load_state(position)  # the step did not happen
+                    self.optimizer.zero_grad(set_to_none=True)
+                    interrupted = True
+                    break
+                elapsed = time.perf_counter() - started
+                tokens, seconds = tokens + n_tokens, seconds + elapsed
+                record = {"step": self.step, "loss": round(last_loss, 6),
+                          "lr": self.scheduler.get_last_lr()[0],
+                          "tokens_per_s": round(n_tokens / elapsed, 1),
+                          "rss_mb": round(rss() / 2**20)}
+                if _due(self.step, self.config.eval_every, self.total_steps) and self.eval_examples:
+                    eval_loss = record["eval_loss"] = self.evaluate()
+                self.log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / seconds:.0f}",
+                                rss=f"{rss() / 2**30:.2f}G", refresh=False)
+                if self.guard is not None and self.guard.should_stop():
+                    stopped = True
+                    break
+                if _due(self.step, self.config.save_every, self.total_steps):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if (interrupted or stopped) and self.step > 0:
+            self.save_checkpoint()
+        return Summary(self.step, last_loss, eval_loss, tokens / seconds if seconds else 0.0,
+                       peak_rss(), interrupted, stopped, self.history)
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def _progress(enabled: bool, total: int, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="train")
