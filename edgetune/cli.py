@@ -1,4 +1,4 @@
-"""The `edgetune` command: argument parsing and dispatch only.
+"""The `edgetune` command line: argument parsing and dispatch only.
 
 Each verb's settings live in a light dataclass module; its work lives in a module imported only when
 the verb runs, so `edgetune --help` and `edgetune plan` never import torch.
@@ -12,6 +12,8 @@ from edgetune import __version__
 from edgetune.config import add_arguments, build, overrides_from
 from edgetune.errors import EdgetuneError
 
+DESCRIPTION = ("Fine-tune a small language model on a laptop, small GPU or Raspberry Pi, "
+               "and ship it to a phone or a Pi.")
 # verb: (help, settings module and class, module with the verb's main(config))
 VERBS = {
     "plan": ("choose training settings that fit a RAM or VRAM budget",
@@ -34,19 +36,25 @@ def _settings_class(verb: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def parser() -> argparse.ArgumentParser:
-    """The full argument parser (also used to generate the README's CLI reference)."""
-    top = argparse.ArgumentParser(prog="edgetune", description=__doc__.splitlines()[0].rstrip("."))
+def parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only `verb`'s settings module is imported (and its flags added)."""
+    top = argparse.ArgumentParser(prog="edgetune", description=DESCRIPTION)
     top.add_argument("--version", action="version", version=f"edgetune {__version__}")
     verbs = top.add_subparsers(dest="verb", metavar="VERB")
-    for verb, (help_text, _, _) in VERBS.items():
-        sub = verbs.add_parser(verb, help=help_text, description=help_text)
-        add_arguments(sub, _settings_class(verb))
+    for name, (help_text, _, _) in VERBS.items():
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            add_arguments(sub, _settings_class(name))
     return top
 
 
+def _verb_in(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    top = parser()
+    argv = sys.argv[1:] if argv is None else argv
+    top = parser(_verb_in(argv))
     args = top.parse_args(argv)
     if args.verb is None:
         top.print_help()

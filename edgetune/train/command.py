@@ -45,11 +45,12 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     config = _check_run_dir(config, run_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
+    records = read_records(config)  # cheap checks first: a bad file fails before any model loads
     device = model_lib.pick_device(config.device)
     dtype = model_lib.pick_dtype(config.dtype, device)
     model_dir = models.resolve(config.model, config.cache_dir)
     tokenizer = _tokenizer(model_dir)
-    train_set, eval_set = load_examples(config, tokenizer)
+    train_set, eval_set = load_examples(config, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     _prepare_run_dir(config, run_dir)
@@ -130,16 +131,23 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def load_examples(config: TrainConfig, tokenizer: Any) -> tuple[list, list]:
+def read_records(config: TrainConfig) -> dict:
+    """{path: (format, records)} for the training and validation files."""
+    paths = [config.data] + ([config.eval_data] if config.eval_data else [])
+    return {path: read_jsonl(path) for path in paths}
+
+
+def load_examples(config: TrainConfig, tokenizer: Any, records: dict | None = None) -> tuple:
     """Tokenized (train, eval) examples, checked and truncated to --seq-len."""
-    fmt, records = read_jsonl(config.data)
-    examples = fit_to_length(encode(tokenizer, fmt, records), config.seq_len, config.data)
+    records = records or read_records(config)
+
+    def examples(path: str) -> list:
+        fmt, rows = records[path]
+        return fit_to_length(encode(tokenizer, fmt, rows), config.seq_len, path)
+
     if config.eval_data:
-        eval_fmt, eval_records = read_jsonl(config.eval_data)
-        held = fit_to_length(encode(tokenizer, eval_fmt, eval_records), config.seq_len,
-                             config.eval_data)
-        return examples, held
-    return split(examples, config.eval_split, config.seed)
+        return examples(config.data), examples(config.eval_data)
+    return split(examples(config.data), config.eval_split, config.seed)
 
 
 def _budget(ram: str) -> int:

@@ -1,0 +1,101 @@
+"""QLoRA: NF4 base weights with double quantization, 8-bit optimizer states, on the CPU."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from edgetune.train.command import train
+from edgetune.train.config import TrainConfig
+from edgetune.train.data import Batches, encode, read_jsonl
+from edgetune.train.loss import causal_lm_loss
+from edgetune.train.model import add_lora, load_base
+from edgetune.train.optim import make_optimizer
+
+
+def qlora_model(tiny_model, double_quant=True):
+    return add_lora(load_base(tiny_model, torch.float32, "cpu", "nf4", double_quant), 8, 16, 0.0,
+                    "all-linear", 0, False)
+
+
+def test_base_linears_are_nf4_with_double_quant(tiny_model):
+    model = qlora_model(tiny_model)
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) == 2 * 7  # q k v o gate up down in each of 2 layers
+    state = linears[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # nested: the block scales are quantized
+    assert linears[0].weight.dtype == torch.uint8
+    plain = qlora_model(tiny_model, double_quant=False)
+    assert not next(m for m in plain.modules() if isinstance(m, bnb.nn.Linear4bit)).weight.quant_state.nested
+    # the output layer and embeddings stay in the compute dtype
+    head = model.get_base_model().lm_head
+    assert not isinstance(head, bnb.nn.Linear4bit) and head.weight.dtype == torch.float32
+
+
+def test_adamw8bit_keeps_uint8_state_even_for_small_lora_matrices(tiny_model, alpaca_file):
+    from transformers import AutoTokenizer
+
+    model = qlora_model(tiny_model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert max(p.numel() for p in params) < 4096  # under bnb's default min_8bit_size
+    optimizer = make_optimizer("adamw8bit", params, 1e-3, 0.0, "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    fmt, records = read_jsonl(alpaca_file)
+    loss, n = causal_lm_loss(model, Batches(encode(tokenizer, fmt, records), 4, 0, 0).next())
+    (loss / n).backward()
+    optimizer.step()
+    states = [optimizer.state[p] for p in params]
+    assert all(s["state1"].dtype == torch.uint8 and s["state2"].dtype == torch.uint8 for s in states)
+
+
+def test_paged_optimizer_falls_back_on_cpu(capsys):
+    optimizer = make_optimizer("paged_adamw8bit", [torch.nn.Parameter(torch.zeros(4, 4))], 1e-3,
+                               0.0, "cpu")
+    assert type(optimizer) is bnb.optim.AdamW8bit
+    assert "paged optimizers need CUDA" in capsys.readouterr().out
+
+
+def test_eval_pass_does_not_stop_learning(tiny_model, alpaca_file):
+    """bnb may repack 4-bit weights for inference in an eval pass; gradients must survive it."""
+    from transformers import AutoTokenizer
+
+    model = qlora_model(tiny_model)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    fmt, records = read_jsonl(alpaca_file)
+    batch = Batches(encode(tokenizer, fmt, records), 4, 0, 0).next()
+    first_b = next(p for n, p in model.named_parameters() if "layers.0" in n and "lora_B" in n)
+
+    def grad_norm() -> float:
+        model.train()
+        loss, n = causal_lm_loss(model, batch)
+        (loss / n).backward()
+        value = first_b.grad.norm().item()
+        model.zero_grad()
+        return value
+
+    before = grad_norm()
+    model.eval()
+    with torch.no_grad():
+        causal_lm_loss(model, batch)
+    assert all(not m.support_avx512bf16_for_cpu
+               for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert before > 1e-4
+    assert grad_norm() == pytest.approx(before, rel=1e-5)
+
+
+def test_qlora_run_trains_and_resumes(tiny_model, alpaca_file, tmp_path):
+    settings = dict(model=str(tiny_model), data=str(alpaca_file), dtype="fp32", steps=6,
+                    batch_size=4, seq_len=64, lr=1e-2, rank=8, quant="nf4", optim="adamw8bit",
+                    eval_every=3, save_every=3, progress=False)
+    whole = train(TrainConfig(output=str(tmp_path / "whole"), **settings))
+
+    def stop(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    assert train(TrainConfig(output=str(tmp_path / "cut"), **settings), stop).interrupted
+    resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume=True, progress=False))
+    assert whole.history[-1]["loss"] < whole.history[0]["loss"]
+    assert resumed.train_loss == pytest.approx(whole.train_loss, abs=1e-5)
