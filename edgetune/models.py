@@ -154,6 +154,20 @@ def gguf_metadata(path: Path, keys: tuple[str, ...]) -> dict:
     return found
 
 
+def check_trainable(model_dir: Path) -> str:
+    """The model_type of a folder, refused clearly unless transformers has a causal LM for it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgetuneError(f"cannot read {model_dir}/config.json: {exc}") from None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise EdgetuneError(f"model {model_dir}: architecture {model_type!r} has no causal language "
+                            "model in transformers, so it cannot be fine-tuned")
+    return model_type
+
+
 def source_info(model_dir: Path) -> dict:
     """What a cached checkpoint remembers of its GGUF source (empty for plain HF folders)."""
     file = Path(model_dir) / SOURCE_FILE

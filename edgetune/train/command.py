@@ -49,6 +49,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     device = model_lib.pick_device(config.device)
     dtype = model_lib.pick_dtype(config.dtype, device)
     model_dir = models.resolve(config.model, config.cache_dir)
+    models.check_trainable(model_dir)
     tokenizer = _tokenizer(model_dir)
     train_set, eval_set = load_examples(config, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))

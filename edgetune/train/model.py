@@ -86,8 +86,26 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
         param.requires_grad_(False)
     if quant == "nf4":
         keep_4bit_layout_trainable(model)
+    if quant != "none":
+        detach_from_weight_file(model)
     release_freed_memory()
     return model
+
+
+def detach_from_weight_file(model: Any) -> None:
+    """Copy the unquantized tensors (embeddings, norms, output layer) out of the weight file's mapping.
+
+    They are views of the memory-mapped safetensors file, which keeps every page that quantization
+    read resident: +0.4 GB of RSS on SmolLM2-135M until the last view is gone.
+    """
+    import bitsandbytes as bnb
+
+    quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    for module in model.modules():
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for _, tensor in tensors:
+            if not isinstance(tensor, quantized) and tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
 
 
 def keep_4bit_layout_trainable(model: Any) -> None:

@@ -1,0 +1,79 @@
+"""Shared benchmark plumbing: models with real shapes, fixed-length data, and measured child runs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Exact shapes from the models' config.json files; weights are random (hubs are unreachable here).
+SHAPES = {
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6),
+}
+
+
+def smollm2_dir() -> Path:
+    from edgetune import models
+
+    return models.resolve("smollm2-135m")
+
+
+def shaped_model(name: str, root: Path) -> Path:
+    """A random-initialised model with `name`'s exact shape and SmolLM2's tokenizer (ids fit)."""
+    folder = root / name
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(SHAPES[name])
+    config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    source = smollm2_dir()
+    for file in source.iterdir():
+        if file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(file, tmp / file.name)
+    tmp.rename(folder)
+    return folder
+
+
+def full_length_text(path: Path, n: int, words: int) -> Path:
+    """Plain-text records long enough to fill any --seq-len up to about `words` tokens."""
+    sentence = "The quick brown fox jumps over the lazy dog while the small model learns. "
+    text = (sentence * (words // 12 + 1)).strip()
+    path.write_text("".join(json.dumps({"text": f"{i} {text}"}) + "\n" for i in range(n)))
+    return path
+
+
+def run_train(args: list[str], out: Path, timeout: float = 3600) -> dict:
+    """`edgetune train ARGS` in a fresh process: its peak RSS (wait4), wall time and log."""
+    command = [sys.executable, "-m", "edgetune", "train", "--output", str(out), "--force",
+               "--no-progress", "--save-every", "0", *args]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    output = child.stdout.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return {"peak_rss": usage.ru_maxrss * 1024, "wall_s": time.perf_counter() - started,
+            "log": log, "output": output}
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
