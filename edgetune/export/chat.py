@@ -1,0 +1,79 @@
+"""`edgetune run`: answer one prompt with a GGUF model in llama.cpp, using the file's own chat template.
+
+The template is rendered here with jinja2 and sent as a raw completion: llama-cpp-python's chat
+handler guesses a format from the metadata and, for SmolLM2's GGUF, produced garbage where the same
+ChatML prompt sent raw answered correctly.
+"""
+
+from datetime import datetime
+from pathlib import Path
+
+from edgetune.errors import EdgetuneError
+from edgetune.export.config import RunConfig
+
+
+def render_template(template: str, messages: list[dict], bos: str = "", eos: str = "") -> str:
+    """An HF chat template rendered the way transformers does (sandboxed, trimmed blocks)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise EdgetuneError(f"chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token=bos, eos_token=eos)
+    except TemplateError as exc:
+        raise EdgetuneError(f"cannot render the chat template: {exc}") from None
+
+
+def _token_text(llm, key: str) -> str:
+    value = llm.metadata.get(key)
+    if value is None:
+        return ""
+    return llm.detokenize([int(value)], special=True).decode("utf-8", errors="replace")
+
+
+def _prompt_and_stops(llm, prompt: str, system: str | None) -> tuple[str, list[str]]:
+    template = llm.metadata.get("tokenizer.chat_template")
+    bos = _token_text(llm, "tokenizer.ggml.bos_token_id")
+    eos = _token_text(llm, "tokenizer.ggml.eos_token_id")
+    eot = _token_text(llm, "tokenizer.ggml.eot_token_id")
+    if not template:  # a base model without a chat template: continue the text as given
+        return prompt, [t for t in (eot, eos) if t]
+    messages = ([{"role": "system", "content": system}] if system else [])
+    messages.append({"role": "user", "content": prompt})
+    text = render_template(template, messages, bos, eos)
+    if bos and text.startswith(bos) and llm.metadata.get("tokenizer.ggml.add_bos_token") == "true":
+        text = text[len(bos):]  # llama.cpp adds it again when tokenizing
+    return text, list(dict.fromkeys(t for t in (eot, eos) if t))
+
+
+def answer(gguf_path: str | Path, prompt: str, max_tokens: int = 256, lora: str | Path | None = None,
+           temperature: float = 0.0, system: str | None = None, ctx: int = 2048) -> str:
+    """The model's reply to one user message, generated through llama.cpp."""
+    from edgetune.export.verify import load_llama
+
+    for path in (gguf_path, lora):
+        if path is not None and not Path(path).is_file():
+            raise EdgetuneError(f"{path} does not exist")
+    llm = load_llama(Path(gguf_path), n_ctx=ctx, lora=Path(lora) if lora else None, logits_all=False)
+    try:
+        text, stops = _prompt_and_stops(llm, prompt, system)
+        try:
+            result = llm.create_completion(text, max_tokens=max_tokens, temperature=temperature,
+                                           stop=stops or None, seed=0)
+        except ValueError as exc:  # e.g. the prompt is longer than the context
+            raise EdgetuneError(f"{exc}; try a larger --ctx") from None
+    finally:
+        llm.close()
+    return result["choices"][0]["text"].strip()
+
+
+def main(config: RunConfig) -> int:
+    print(answer(config.model, config.prompt, config.max_tokens, config.lora, config.temperature,
+                 config.system, config.ctx))
+    return 0

@@ -1,0 +1,168 @@
+"""`edgetune export`: merge a run's adapter, write GGUF/ONNX files, verify each, then publish the folder.
+
+Everything is written into `OUT.tmp-<pid>` beside the output and renamed into place only after every
+file passed verification, so a failure (or Ctrl-C) never leaves a half-written export at OUT.
+"""
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from edgetune import models
+from edgetune.errors import EdgetuneError
+from edgetune.export.config import ExportConfig
+
+RUN_CONFIG = "edgetune_run.yaml"  # written by `edgetune train`
+# Held-out text when the run has no eval data: educational prose like the web text small models are
+# trained on, over 256 tokens in any common tokenizer. (On harder text, e.g. fiction, a 135M model has
+# many near-tied next tokens and q8_0 top-1 agreement drops to ~96% from rounding alone.)
+HELD_OUT_TEXT = """\
+Water moves through the environment in a continuous cycle. The heat of the sun causes water in \
+oceans, lakes and rivers to evaporate and rise into the atmosphere as water vapor. As the vapor \
+rises, it cools and condenses into tiny droplets that form clouds. When the droplets grow large \
+enough, they fall back to the ground as rain or snow. This process is called precipitation. Some of \
+the water flows over the surface of the land into streams and rivers, which carry it back to the \
+ocean. Some of it soaks into the soil and becomes groundwater, which can stay underground for \
+thousands of years. Plants also play an important role in the water cycle. They take up water \
+through their roots and release it into the air through small openings in their leaves, a process \
+known as transpiration.
+The water cycle is important for life on Earth because it provides fresh water for people, animals \
+and plants. It also helps to regulate the temperature of the planet by moving heat from one place to \
+another. Scientists study the water cycle to understand how changes in the climate may affect the \
+amount of rain that falls in different regions. For example, warmer temperatures can increase \
+evaporation, which may lead to more intense storms in some areas and longer droughts in others. By \
+learning how water moves through the environment, communities can plan better ways to store and \
+protect their water supply for the future. Simple steps such as fixing leaks, collecting rain water \
+and planting trees near rivers all help to keep the cycle healthy.
+"""
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an export starts from: the base model and, for a training run, its adapter."""
+
+    model_dir: Path  # the base model's HF folder
+    adapter_dir: Path | None
+    eval_data: str | None
+    default_output: Path
+
+
+def read_source(config: ExportConfig) -> Source:
+    """Interpret RUN: an `edgetune train` folder, a bare PEFT adapter folder, or a plain model."""
+    from edgetune.export.merge import ADAPTER_CONFIG, is_adapter_dir, read_adapter_config
+
+    run = Path(config.run).expanduser()
+    if (run / RUN_CONFIG).is_file():
+        saved = yaml.safe_load((run / RUN_CONFIG).read_text()) or {}
+        if not is_adapter_dir(run):
+            raise EdgetuneError(f"{run} has no adapter (adapter_model.safetensors): did training finish? "
+                                f"Resume it with: edgetune train --resume --output {run}")
+        if not saved.get("model"):
+            raise EdgetuneError(f"{run}/{RUN_CONFIG} does not name the base model (model:)")
+        base = models.resolve(saved["model"], config.cache_dir or saved.get("cache_dir"))
+        return Source(base, run, saved.get("eval_data"), run / "export")
+    if (run / ADAPTER_CONFIG).is_file():
+        base_ref = read_adapter_config(run).get("base_model_name_or_path")
+        if not base_ref:
+            raise EdgetuneError(f"{run}/{ADAPTER_CONFIG} does not name its base model")
+        return Source(models.resolve(base_ref, config.cache_dir), run, None, run / "export")
+    base = models.resolve(config.run, config.cache_dir)
+    return Source(base, None, None, Path(f"{run.name.removesuffix('.gguf')}-export"))
+
+
+@dataclass
+class Formats:
+    """What to write: GGUF types, ONNX precisions, and whether the ONNX uses generic ops only."""
+
+    gguf: list[str]
+    onnx: list[str]
+    onnx_generic: bool
+
+
+def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
+    """The formats asked for, else what the --target device profile chooses."""
+    formats = Formats(config.gguf_types, config.onnx_types, config.onnx_generic)
+    if config.onnx_generic and not formats.onnx:
+        formats.onnx.append("fp32")
+    if config.target and not (formats.gguf or formats.onnx or config.gguf_adapter):
+        from edgetune.devices.selection import choose_export
+
+        for item in choose_export(config.target, model_dir, config.ctx):
+            kind, _, value = item.partition(":")
+            (formats.gguf if kind == "gguf" else formats.onnx).append(value)
+            formats.onnx_generic |= kind == "onnx-generic"
+    return formats
+
+
+def held_out_ids(tokenizer, eval_data: str | None, positions: int) -> list[int]:
+    """positions + 1 token ids: the run's eval data where it has enough, then the built-in text."""
+    from edgetune.export.verify import check_positions
+
+    ids: list[int] = []
+    if eval_data and Path(eval_data).is_file():
+        from edgetune.train.data import encode, read_jsonl
+
+        fmt, records = read_jsonl(eval_data)
+        for example in encode(tokenizer, fmt, records):
+            ids += example.input_ids
+            if len(ids) > positions:
+                break
+    elif eval_data:
+        print(f"edgetune: eval data {eval_data} not found; verifying on the built-in English text")
+    if len(ids) <= positions:
+        ids += tokenizer(HELD_OUT_TEXT, add_special_tokens=False)["input_ids"]
+    check_positions(len(ids), positions)
+    return ids[: positions + 1]
+
+
+def chat_stops(tokenizer) -> list[str]:
+    """Texts that end a reply: the end-of-turn token of the chat template, then eos."""
+    from edgetune.export.gguf_vocab import END_OF_TURN
+
+    template = tokenizer.chat_template or ""
+    vocab = tokenizer.get_vocab()
+    stops = [t for t in END_OF_TURN if t in template and t in vocab][:1]
+    return list(dict.fromkeys(stops + ([tokenizer.eos_token] if tokenizer.eos_token else [])))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished folder into place; an old export is removed only after that succeeded."""
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(config: ExportConfig) -> int:
+    source = read_source(config)
+    out = Path(config.output).expanduser() if config.output else source.default_output
+    if out.exists() and not config.force:
+        raise EdgetuneError(f"output folder {out} exists: pass --force to replace it "
+                            "or --output elsewhere")
+    if config.gguf_adapter and source.adapter_dir is None:
+        raise EdgetuneError(f"--gguf-adapter: {config.run} is a model, "
+                            "not a training run with an adapter")
+    formats = plan_formats(config, source.model_dir)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        from edgetune.export.files import export_files
+
+        rows = export_files(config, source, tmp, formats)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if rows:
+        from edgetune.export.report import table
+
+        print(table(rows))
+    else:
+        print("edgetune: files not verified (--no-verify)")
+    print(f"edgetune: wrote {out}")
+    return 0
+

@@ -1,0 +1,90 @@
+"""`edgetune export` and `edgetune run` settings: defaults, help text and validation."""
+
+from dataclasses import dataclass
+
+from edgetune.config import option
+from edgetune.errors import EdgetuneError
+
+GGUF_TYPES = ("q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16")
+ONNX_TYPES = ("fp32", "int8", "int4")
+
+
+def split_list(value: str | None) -> list[str]:
+    """'q8_0, f16' -> ['q8_0', 'f16'] (lower-cased, duplicates dropped, order kept)."""
+    items = [v.strip().lower() for v in (value or "").split(",") if v.strip()]
+    return list(dict.fromkeys(items))
+
+
+def _check_types(flag: str, value: str | None, valid: tuple[str, ...]) -> None:
+    for item in split_list(value):
+        if item not in valid:
+            raise EdgetuneError(f"--{flag} {item}: unknown type; valid types: {', '.join(valid)}")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run: str | None = option(None, "run folder from `edgetune train` (or a model: HF folder, .gguf, "
+                             "built-in name) to export", positional=True, metavar="RUN")
+    output: str | None = option(None, "export folder (default: RUN/export)")
+    force: bool = option(False, "replace an existing export folder")
+    gguf: str | None = option(None, f"GGUF types, comma-separated: {', '.join(GGUF_TYPES)}",
+                              metavar="TYPES")
+    gguf_adapter: bool = option(False, "also write the LoRA adapter as a llama.cpp GGUF adapter "
+                                "(with the f16 base it applies to)")
+    onnx: str | None = option(None, f"ONNX precisions, comma-separated: {', '.join(ONNX_TYPES)}",
+                              metavar="TYPES")
+    onnx_generic: bool = option(False, "ONNX with generic ops only (no onnxruntime contrib ops)")
+    target: str | None = option(None, "device profile (see `edgetune devices`): choose the formats "
+                                "that fit it when no --gguf/--onnx is given", metavar="DEVICE")
+    ctx: int = option(2048, "context length the --target device must hold")
+    verify: bool = option(True, "check every file against the torch model and fail below threshold")
+    positions: int = option(256, "held-out next-token positions compared when verifying")
+    cache_dir: str | None = option(None, "where GGUF models are cached as HF checkpoints "
+                                   "(default: $EDGETUNE_CACHE or ~/.cache/edgetune)")
+
+    def __post_init__(self) -> None:
+        if not self.run:
+            raise EdgetuneError("nothing to export: pass a run folder, e.g. edgetune export edgetune-run "
+                                "--gguf q8_0")
+        _check_types("gguf", self.gguf, GGUF_TYPES)
+        _check_types("onnx", self.onnx, ONNX_TYPES)
+        if not (self.gguf_types or self.gguf_adapter or self.onnx_types or self.onnx_generic
+                or self.target):
+            raise EdgetuneError("no format asked for: pass --gguf q8_0 (types: "
+                                f"{', '.join(GGUF_TYPES)}), --gguf-adapter, --onnx or --target DEVICE")
+        if self.positions < 1:
+            raise EdgetuneError(f"--positions must be at least 1, got {self.positions}")
+        if self.ctx < 1:
+            raise EdgetuneError(f"--ctx must be at least 1, got {self.ctx}")
+
+    @property
+    def gguf_types(self) -> list[str]:
+        return split_list(self.gguf)
+
+    @property
+    def onnx_types(self) -> list[str]:
+        return split_list(self.onnx)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str | None = option(None, "GGUF model file to chat with", positional=True,
+                               metavar="MODEL.gguf")
+    prompt: str | None = option(None, "the user message to answer")
+    system: str | None = option(None, "system message (default: the chat template's own, if any)")
+    lora: str | None = option(None, "GGUF LoRA adapter to apply over the model (from --gguf-adapter)",
+                              metavar="ADAPTER.gguf")
+    max_tokens: int = option(256, "most tokens to generate")
+    temperature: float = option(0.0, "sampling temperature; 0 always picks the likeliest token")
+    ctx: int = option(2048, "context length in tokens")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise EdgetuneError("no model: pass a .gguf file, e.g. edgetune run export/model-q8_0.gguf "
+                                "--prompt 'Hello'")
+        if not self.prompt:
+            raise EdgetuneError("no prompt: pass --prompt 'your question'")
+        if self.max_tokens < 1 or self.ctx < 1:
+            raise EdgetuneError("--max-tokens and --ctx must be at least 1")
+        if self.temperature < 0:
+            raise EdgetuneError(f"--temperature must be 0 or more, got {self.temperature}")

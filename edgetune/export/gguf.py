@@ -1,0 +1,276 @@
+"""GGUF files from an HF folder: a full model in f16/bf16/q8_0, or a LoRA adapter for llama.cpp.
+
+Tensor names come from the gguf package's per-architecture tables. llama.cpp's `llama` architecture
+applies rotary embeddings to interleaved pairs (x0, x1), (x2, x3)... while HF Llama rotates the two
+halves of each head, so q_proj and k_proj rows (and an adapter's lora_b for them) are permuted for
+llama and mistral. qwen2 and qwen3 use NEOX rotary in llama.cpp, which matches HF: no permutation.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetune.errors import EdgetuneError
+
+# Types written directly by this module; lower-bit types go through quantize.py from the f16 file.
+DIRECT_TYPES = ("f16", "bf16", "q8_0")
+_Q8_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf_arch: str  # a gguf.MODEL_ARCH member name
+    permute_qk: bool  # interleaved ("normal") rotary in llama.cpp: permute q/k rows
+
+
+ARCHITECTURES = {  # HF config.json model_type -> llama.cpp architecture
+    "llama": Arch("LLAMA", permute_qk=True),
+    "mistral": Arch("LLAMA", permute_qk=True),  # llama.cpp runs Mistral as llama
+    "qwen2": Arch("QWEN2", permute_qk=False),
+    "qwen3": Arch("QWEN3", permute_qk=False),
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def architecture(config: dict) -> Arch:
+    """The table entry for a config.json, refusing anything not in ARCHITECTURES."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise EdgetuneError(f"cannot export architecture {model_type!r} to GGUF; "
+                            f"supported: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type]
+
+
+def read_config(model_dir: Path) -> dict:
+    return json.loads((Path(model_dir) / "config.json").read_text())
+
+
+def _rope_params(config: dict) -> dict:
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def _rope(config: dict) -> tuple[float, str, float]:
+    """(theta, type, factor) from either the transformers 4 or 5 spelling of the rope settings."""
+    params = _rope_params(config)
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise EdgetuneError(f"rope type {kind!r} is not supported for GGUF export; "
+                            f"supported: {', '.join(ROPE_TYPES)}")
+    return float(theta), kind, float(params.get("factor", 1.0))
+
+
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def add_hparams(writer, config: dict) -> None:
+    """Write the architecture's hyper-parameters (the keys llama.cpp reads for llama/qwen)."""
+    from gguf import RopeScalingType
+
+    if config.get("use_sliding_window"):
+        raise EdgetuneError("sliding-window attention (use_sliding_window) is not supported "
+                            "for GGUF export")
+    dim = head_dim(config)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_rope_dimension_count(dim)
+    if dim * config["num_attention_heads"] != config["hidden_size"]:
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
+    theta, kind, factor = _rope(config)
+    writer.add_rope_freq_base(theta)
+    if kind == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+
+
+def llama3_rope_factors(config: dict):
+    """Llama 3.1+ frequency scaling as llama.cpp's rope_freqs tensor (one divisor per frequency).
+
+    High frequencies (wavelength under original_ctx / high_freq_factor) keep their value, low ones
+    (over original_ctx / low_freq_factor) are divided by `factor`, and the band between is blended.
+    """
+    import numpy as np
+
+    params, dim = _rope_params(config), head_dim(config)
+    theta, _, factor = _rope(config)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old_ctx = params["original_max_position_embeddings"]
+    wavelen = 2 * np.pi * theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1.0 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+
+
+def rope_permute(rows, n_head: int):
+    """HF's half-split rotary layout of q/k rows -> llama.cpp's interleaved pairs, per head."""
+    shape = rows.shape
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+class Namer:
+    """HF tensor names -> GGUF names via gguf's TensorNameMap, plus which rotary permutation applies."""
+
+    def __init__(self, config: dict):
+        import gguf
+
+        self.arch = architecture(config)
+        self.model_arch = gguf.MODEL_ARCH[self.arch.gguf_arch]
+        self.table = gguf.get_tensor_name_map(self.model_arch, config["num_hidden_layers"])
+        heads = config["num_attention_heads"]
+        self.heads = {gguf.MODEL_TENSOR.ATTN_Q: heads,
+                      gguf.MODEL_TENSOR.ATTN_K: config.get("num_key_value_heads") or heads}
+
+    @property
+    def arch_name(self) -> str:
+        import gguf
+
+        return gguf.MODEL_ARCH_NAMES[self.model_arch]
+
+    def name(self, hf_name: str) -> tuple[str, int | None]:
+        """(GGUF name, heads to permute over or None)."""
+        found = self.table.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise EdgetuneError(f"tensor {hf_name} has no GGUF name for {self.arch_name}; "
+                                "the model has layers this exporter does not know")
+        kind, gguf_name = found
+        return gguf_name, (self.heads.get(kind) if self.arch.permute_qk else None)
+
+
+def encode(array, out_type: str):
+    """(data, GGML type, note) for one tensor: 1-D tensors stay f32, matrices take `out_type`."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    if array.ndim == 1:
+        return array.astype(np.float32), T.F32, ""
+    if out_type == "f16":
+        return array.astype(np.float16), T.F16, ""
+    if out_type == "bf16":
+        return quants.quantize(array.astype(np.float32), T.BF16), T.BF16, ""
+    if out_type == "q8_0":
+        if array.shape[-1] % _Q8_BLOCK:
+            note = f"row length {array.shape[-1]} is not a multiple of 32: those matrices stay f16"
+            return array.astype(np.float16), T.F16, note
+        return quants.quantize(array.astype(np.float32), T.Q8_0), T.Q8_0, ""
+    raise ValueError(f"not a direct GGUF type: {out_type}")
+
+
+def _hf_tensors(model_dir: Path):
+    """(name, fp32 numpy array) of every weight, one at a time."""
+    import torch
+    from safetensors import safe_open
+
+    from edgetune.export.merge import weight_files
+
+    for file in weight_files(Path(model_dir)):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key).to(torch.float32).numpy()
+
+
+def _file_type(out_type: str) -> int:
+    from gguf import LlamaFileType
+
+    return {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16,
+            "q8_0": LlamaFileType.MOSTLY_Q8_0, "f32": LlamaFileType.ALL_F32}[out_type]
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def write_gguf(model_dir: Path, out_path: Path, out_type: str = "f16") -> list[str]:
+    """Write the HF model in `model_dir` as a GGUF file; returns notes worth reporting."""
+    import gguf
+
+    from edgetune.export.gguf_vocab import add_vocab
+
+    if out_type not in DIRECT_TYPES:
+        raise EdgetuneError(f"GGUF type {out_type} cannot be written directly; "
+                            f"use {', '.join(DIRECT_TYPES)}")
+    config = read_config(model_dir)
+    namer = Namer(config)
+    writer = gguf.GGUFWriter(str(out_path), namer.arch_name, use_temp_file=True)
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(str(config.get("_name_or_path") or config.get("_model_name_or_path")
+                        or Path(model_dir).resolve().name))
+    add_hparams(writer, config)
+    writer.add_file_type(_file_type(out_type))
+    if out_type == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocab(writer, model_dir, config["vocab_size"])
+    if _rope(config)[1] == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                          llama3_rope_factors(config))
+    notes = set()
+    tied = config.get("tie_word_embeddings", False)
+    for hf_name, array in _hf_tensors(model_dir):
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        gguf_name, heads = namer.name(hf_name)
+        if heads:
+            array = rope_permute(array, heads)
+        data, kind, note = encode(array, out_type)
+        notes.add(note)
+        writer.add_tensor(gguf_name, data, raw_dtype=kind)
+    _finish(writer)
+    return sorted(n for n in notes if n)
+
+
+def adapter_alpha(pairs) -> float:
+    """The one `adapter.lora.alpha` that makes llama.cpp's alpha / rank equal every pair's scale.
+
+    llama.cpp divides by each tensor's own rank, so a per-module rank is fine, but rsLoRA (alpha /
+    sqrt(r)) and per-module alphas must fold into a single alpha: this is the only place they convert.
+    """
+    alphas = {round(p.scale * p.rank, 6) for p in pairs}
+    if len(alphas) != 1:
+        raise EdgetuneError(f"adapter modules use different LoRA scales ({sorted(alphas)}); a GGUF "
+                            "adapter holds one alpha: export the merged model instead")
+    return alphas.pop()
+
+
+def write_adapter_gguf(base_dir: Path, adapter_dir: Path, out_path: Path) -> float:
+    """Write a PEFT LoRA adapter as a llama.cpp GGUF adapter for the base in `base_dir`.
+
+    Returns the alpha written. lora_a is [r, in] and lora_b [out, r], stored in f32 since they are small.
+    """
+    import gguf
+    import numpy as np
+
+    from edgetune.export.merge import load_adapter
+
+    config = read_config(base_dir)
+    namer = Namer(config)
+    pairs = load_adapter(adapter_dir)
+    if not pairs:
+        raise EdgetuneError(f"{adapter_dir}: the adapter has no LoRA tensors")
+    alpha = adapter_alpha(pairs.values())
+    writer = gguf.GGUFWriter(str(out_path), namer.arch_name)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    for hf_name, pair in sorted(pairs.items()):
+        gguf_name, heads = namer.name(hf_name)
+        a = pair.a.float().numpy().astype(np.float32)
+        b = pair.b.float().numpy().astype(np.float32)
+        if heads:
+            b = rope_permute(b, heads)  # B's rows are the q/k output rows: same layout as the weight
+        for suffix, data in (("lora_a", a), ("lora_b", b)):
+            if not np.isfinite(data).all():
+                raise EdgetuneError(f"adapter tensor {pair.module}.{suffix} has NaN or infinite values")
+            writer.add_tensor(f"{gguf_name}.{suffix}", np.ascontiguousarray(data))
+    _finish(writer)
+    return alpha
+

@@ -1,0 +1,68 @@
+"""Ollama Modelfiles beside exported GGUF files.
+
+Ollama does not run jinja chat templates; it wants a Go template. For ChatML templates (SmolLM2, Qwen)
+the equivalent is written out, with the template's built-in system message as SYSTEM. Other templates
+get no TEMPLATE line and a comment saying so, rather than a guess that formats chats wrongly.
+"""
+
+from pathlib import Path
+
+from edgetune.errors import EdgetuneError
+from edgetune.export.chat import render_template
+
+CHATML_GO = '''{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}{{- end }}<|im_start|>assistant
+'''
+_CHATML_PROBE = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+
+
+def chatml_default_system(template: str) -> tuple[bool, str | None]:
+    """(is ChatML, the system message the template adds when none is given)."""
+    try:
+        probe = render_template(template, [{"role": "system", "content": "S"},
+                                           {"role": "user", "content": "U"}])
+        alone = render_template(template, [{"role": "user", "content": "U"}])
+    except EdgetuneError:  # a template that refuses these messages is not plain ChatML
+        return False, None
+    if probe != _CHATML_PROBE:
+        return False, None
+    head = alone.split("<|im_start|>user\n")[0]
+    if head.startswith("<|im_start|>system\n") and head.endswith("<|im_end|>\n"):
+        return True, head[len("<|im_start|>system\n"):-len("<|im_end|>\n")]
+    return True, None
+
+
+def _quoted(text: str) -> str:
+    return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
+
+
+def modelfile_text(gguf_name: str, template: str | None, stops: list[str],
+                   adapter_name: str | None = None) -> str:
+    """The Modelfile for `gguf_name` (relative to the Modelfile) with its chat format and stops."""
+    lines = [f"FROM ./{gguf_name}"]
+    if adapter_name:
+        lines.append(f"ADAPTER ./{adapter_name}")
+    is_chatml, system = chatml_default_system(template) if template else (False, None)
+    if is_chatml:
+        lines.append(f"TEMPLATE {_quoted(CHATML_GO)}")
+        if system:
+            lines.append(f"SYSTEM {_quoted(system)}")
+    elif template:
+        lines.append("# The chat template is not ChatML; write a TEMPLATE line in Ollama's Go syntax.")
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines.append("PARAMETER temperature 0")
+    return "\n".join(lines) + "\n"
+
+
+def write_modelfile(gguf_path: Path, template: str | None, stops: list[str],
+                    adapter: Path | None = None) -> Path:
+    """Write `<gguf stem>.Modelfile` (or the adapter's) beside the file; `ollama create -f` reads it."""
+    named = adapter or gguf_path
+    out = named.with_name(named.stem + ".Modelfile")
+    out.write_text(modelfile_text(gguf_path.name, template, stops, adapter.name if adapter else None))
+    return out

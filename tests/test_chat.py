@@ -1,0 +1,154 @@
+"""`edgetune export` end to end on a tiny run, `edgetune run`, chat templates and Modelfiles."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import CHATML, build_adapter, requires_smollm2
+
+from edgetune import cli
+from edgetune.errors import EdgetuneError
+from edgetune.export import verify
+from edgetune.export.chat import _prompt_and_stops, answer, render_template
+from edgetune.export.config import ExportConfig
+from edgetune.export.modelfile import chatml_default_system, modelfile_text
+
+pytest.importorskip("llama_cpp")
+SMOL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are SmolLM<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model, tmp_path_factory, alpaca_records):
+    """A folder shaped like `edgetune train`'s output: PEFT adapter plus edgetune_run.yaml."""
+    run = build_adapter(tiny_model, tmp_path_factory.mktemp("runs") / "run")
+    eval_file = run.parent / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in alpaca_records))
+    settings = {"model": str(tiny_model), "cache_dir": None, "eval_data": str(eval_file), "rank": 4}
+    (run / "edgetune_run.yaml").write_text(yaml.safe_dump(settings))
+    return run
+
+
+@pytest.fixture(scope="module")
+def alpaca_records():
+    return [{"instruction": f"What is the capital of France? Say it {i} times.",
+             "output": "Paris " * (i + 1)} for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir):
+    assert cli.main(["export", str(run_dir), "--gguf", "f16", "--gguf-adapter"]) == 0
+    return run_dir / "export"
+
+
+def test_export_writes_verified_files(exported, capsys):
+    names = sorted(p.name for p in exported.iterdir())
+    assert names == ["adapter.Modelfile", "adapter.gguf", "base-f16.gguf", "model-f16.Modelfile",
+                     "model-f16.gguf", "report.json"]
+    rows = json.loads((exported / "report.json").read_text())
+    assert [r["format"] for r in rows] == ["gguf f16", "gguf adapter over f16"]
+    assert all(r["passed"] and r["positions"] == 256 and r["top1_agreement"] >= 0.99 for r in rows)
+    assert "FROM ./base-f16.gguf\nADAPTER ./adapter.gguf" in (exported / "adapter.Modelfile").read_text()
+    assert not list(exported.parent.glob("export.tmp-*"))
+
+
+def test_existing_output_is_refused(exported, run_dir, capsys):
+    assert cli.main(["export", str(run_dir), "--gguf", "f16"]) == 1
+    assert "exists: pass --force" in capsys.readouterr().err
+
+
+def test_failed_verification_leaves_nothing(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(verify.TOP1_THRESHOLDS, "f16", 1.01)  # no file can pass this
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run_dir), "--gguf", "f16", "--output", str(out)]) == 1
+    assert "verification failed: model-f16.gguf (gguf f16) top-1" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_model_exports_as_is(tiny_model, tmp_path):
+    out = tmp_path / "plain"
+    assert cli.main(["export", str(tiny_model), "--gguf", "q4_0", "--output", str(out),
+                     "--no-verify"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["model-q4_0.Modelfile", "model-q4_0.gguf"]
+
+
+def test_config_validation():
+    with pytest.raises(EdgetuneError, match="--gguf q3_k: unknown type; valid types: q4_0, q4_k_m"):
+        ExportConfig(run="r", gguf="q8_0,q3_k")
+    with pytest.raises(EdgetuneError, match="no format asked for"):
+        ExportConfig(run="r")
+    assert ExportConfig(run="r", gguf="Q8_0, f16,q8_0").gguf_types == ["q8_0", "f16"]
+
+
+def test_export_flags_do_not_import_torch():
+    code = ("import sys; from edgetune import cli; cli.parser('export'); cli.parser('run'); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_prompt_uses_the_gguf_chat_template(exported):
+    llm = verify.load_llama(exported / "model-f16.gguf", n_ctx=64, logits_all=False)
+    try:
+        text, stops = _prompt_and_stops(llm, "Hi", None)
+    finally:
+        llm.close()
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert stops == ["<|im_end|>"]
+
+
+def test_run_answers_with_and_without_lora(exported, capsys):
+    plain = answer(exported / "model-f16.gguf", "Hi", max_tokens=8)
+    tuned = answer(exported / "base-f16.gguf", "Hi", max_tokens=8, lora=exported / "adapter.gguf")
+    assert isinstance(plain, str) and isinstance(tuned, str)
+    assert cli.main(["run", str(exported / "model-f16.gguf"), "--prompt", "Hi", "--max-tokens", "4"]) == 0
+    assert cli.main(["run", str(exported / "missing.gguf"), "--prompt", "Hi"]) == 1
+    assert "missing.gguf does not exist" in capsys.readouterr().err
+
+
+def test_chatml_template_to_modelfile():
+    assert render_template(CHATML, [{"role": "user", "content": "Hi"}]) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert chatml_default_system(CHATML) == (True, None)
+    assert chatml_default_system(SMOL_TEMPLATE) == (True, "You are SmolLM")
+    text = modelfile_text("m.gguf", SMOL_TEMPLATE, ["<|im_end|>"])
+    assert 'SYSTEM """You are SmolLM"""' in text and 'PARAMETER stop "<|im_end|>"' in text
+    other = modelfile_text("m.gguf", "{{ bos_token }}[INST] {{ messages[0]['content'] }} [/INST]", [])
+    assert "TEMPLATE" not in other.replace("write a TEMPLATE line", "")
+
+
+@requires_smollm2
+def test_smollm2_knows_paris(smollm2_export):
+    reply = answer(smollm2_export / "model-f16.gguf", "What is the capital of France?", max_tokens=48)
+    assert "Paris" in reply
+
+
+def test_held_out_ids_prefer_the_runs_eval_data(tiny_model, run_dir):
+    from transformers import AutoTokenizer
+
+    from edgetune.export.command import HELD_OUT_TEXT, held_out_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    eval_file = run_dir.parent / "eval.jsonl"
+    ids = held_out_ids(tokenizer, str(eval_file), 40)
+    assert len(ids) == 41 and tokenizer.decode(ids).startswith("<|im_start|>user\nWhat is the capital")
+    builtin = held_out_ids(tokenizer, None, 256)
+    assert builtin == tokenizer(HELD_OUT_TEXT, add_special_tokens=False)["input_ids"][:257]
+    with pytest.raises(EdgetuneError, match="held-out text has .* tokens but --positions 99999"):
+        held_out_ids(tokenizer, None, 99999)
+
+
+def test_target_picks_formats_from_the_device_profile(tiny_model, monkeypatch):
+    from edgetune.devices import selection
+    from edgetune.export.command import plan_formats
+
+    monkeypatch.setattr(selection, "choose_export", lambda name, model_dir, ctx: ["onnx-generic:int8"])
+    formats = plan_formats(ExportConfig(run="r", target="pi"), tiny_model)
+    assert (formats.gguf, formats.onnx, formats.onnx_generic) == ([], ["int8"], True)
+    explicit = plan_formats(ExportConfig(run="r", target="pi", gguf="q8_0"), tiny_model)
+    assert (explicit.gguf, explicit.onnx) == (["q8_0"], [])
