@@ -99,3 +99,11 @@ def test_qlora_run_trains_and_resumes(tiny_model, alpaca_file, tmp_path):
     resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume=True, progress=False))
     assert whole.history[-1]["loss"] < whole.history[0]["loss"]
     assert resumed.train_loss == pytest.approx(whole.train_loss, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_qlora_on_cuda_with_paged_optimizer(tiny_model, alpaca_file, tmp_path):
+    summary = train(TrainConfig(model=str(tiny_model), data=str(alpaca_file), device="cuda",
+                                output=str(tmp_path / "run"), steps=4, batch_size=4, seq_len=64,
+                                rank=8, quant="nf4", optim="paged_adamw8bit", progress=False))
+    assert summary.steps == 4 and summary.history[-1]["loss"] < summary.history[0]["loss"]

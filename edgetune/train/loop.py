@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from edgetune.train import checkpoint
-from edgetune.train.data import IGNORE, Batches, Example, collate
+from edgetune.train.data import IGNORE, Batches, Example, collate, n_tokens, pack
 from edgetune.train.loss import causal_lm_loss
 from edgetune.train.memory import MemoryGuard, peak_rss, rss
 
@@ -40,6 +40,10 @@ class Loop:
         self.device = next(p.device for p in model.parameters())
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.history: list[dict] = []
+        if batches.packed:
+            from edgetune.train.attention import use_segment_attention
+
+            use_segment_attention(model)
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, tokens seen)."""
@@ -56,7 +60,7 @@ class Loop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / n_labels, sum(int(b["attention_mask"].sum()) for b in micro)
+        return total / n_labels, sum(n_tokens(b) for b in micro)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -66,14 +70,15 @@ class Loop:
         self.model.eval()
         total, count, size = 0.0, 0, self.config.batch_size
         for start in range(0, len(self.eval_examples), size):
-            batch = collate(self.eval_examples[start:start + size], self.batches.pad_id)
+            chunk = self.eval_examples[start:start + size]
+            batch = pack(chunk) if self.batches.packed else collate(chunk, self.batches.pad_id)
             loss_sum, n = causal_lm_loss(self.model, self._to_device(batch))
             total, count = total + loss_sum.item(), count + n
         self.model.train()
         return total / max(count, 1)
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

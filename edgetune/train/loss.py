@@ -53,8 +53,7 @@ def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of label tokens) for a batch, through a PEFT-wrapped causal LM."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = causal_lm.model, causal_lm.get_output_embeddings()
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).last_hidden_state
+    hidden = decoder(**_inputs(batch), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
     selected = hidden[:, :-1][keep]
@@ -66,9 +65,19 @@ def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int(wanted.numel())
 
 
+def _inputs(batch: dict) -> dict:
+    """Decoder inputs of a padded batch (attention mask) or a packed one (positions, boundaries)."""
+    if "attention_mask" in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    from edgetune.train.data import SEGMENTS
+
+    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+            SEGMENTS: batch[SEGMENTS]}
+
+
 def reference_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     """The same sum computed the plain way, full logits and F.cross_entropy (for tests)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**_inputs(batch)).logits
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
                            ignore_index=IGNORE, reduction="sum")
