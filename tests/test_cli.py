@@ -101,3 +101,11 @@ def main_or_raise(argv: list[str]) -> None:
 
 def test_no_verb_prints_help():
     assert main([]) == 2
+
+
+def test_readme_cli_reference_is_current():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cli_reference.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -135,3 +135,20 @@ def test_memory_guard_stops_with_a_checkpoint(tiny_model, alpaca_file, tmp_path)
     summary = train(config(tiny_model, alpaca_file, tmp_path / "run", ram=budget))
     assert summary.stopped_for_memory and summary.steps == 1
     assert checkpoint.completed(tmp_path / "run")[-1].name == "step-000001"
+
+
+def test_plan_auto_picks_settings_that_fit(tiny_model, alpaca_file, tmp_path, capsys):
+    import yaml
+
+    summary = train(config(tiny_model, alpaca_file, tmp_path / "run", plan="auto", ram="4gb",
+                           rank=8, steps=2))
+    assert summary.steps == 2
+    assert "--plan auto for --ram 4gb" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "run" / "edgetune_run.yaml").read_text())
+    assert saved["plan"] is None and saved["rank"] == 64  # the planner prefers the highest rank
+
+
+def test_plan_auto_refuses_an_impossible_budget(tiny_model, alpaca_file, tmp_path):
+    with pytest.raises(EdgetuneError, match="too small"):
+        train(config(tiny_model, alpaca_file, tmp_path / "run", plan="auto", ram="100mb"))
+    assert not (tmp_path / "run").exists()

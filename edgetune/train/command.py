@@ -14,6 +14,7 @@ from edgetune.config import as_dict
 from edgetune.errors import EdgetuneError
 from edgetune.train.config import TrainConfig
 from edgetune.train.data import Batches, encode, fit_to_length, read_jsonl, split
+from edgetune.units import parse_size
 
 RUN_CONFIG = "edgetune_run.yaml"
 # Settings a resumed run may change; everything else is taken from the run it continues.
@@ -50,6 +51,8 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     dtype = model_lib.pick_dtype(config.dtype, device)
     model_dir = models.resolve(config.model, config.cache_dir)
     models.check_trainable(model_dir)
+    if config.plan == "auto":
+        config = apply_plan(config, model_dir, device, dtype)
     tokenizer = _tokenizer(model_dir)
     train_set, eval_set = load_examples(config, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
@@ -67,7 +70,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
                                config.lr, config.weight_decay, device)
     scheduler = cosine_schedule(optimizer, int(config.warmup * total), total)
     batches = Batches(train_set, config.batch_size, config.seed, _pad_id(tokenizer))
-    guard = MemoryGuard(_budget(config.ram)) if config.ram else None
+    guard = MemoryGuard(parse_size(config.ram)) if config.ram else None
     loop = Loop(model, optimizer, scheduler, batches, eval_set, run_dir, config, total, guard)
     if config.resume:
         from edgetune.train.checkpoint import completed
@@ -77,8 +80,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     summary = loop.run(on_step)
     if summary.stopped_for_memory:
         print(f"edgetune: stopped at step {summary.steps} to stay inside --ram {config.ram}: "
-              f"{guard.message}; checkpoint written. Try --grad-checkpointing, a smaller "
-              f"--batch-size or --seq-len, or --quant nf4 (see `edgetune plan`)")
+              f"{guard.message}; checkpoint written. {_suggestion(config, model_dir, dtype)}")
     elif not summary.interrupted:
         from edgetune.train.checkpoint import save_adapter
 
@@ -151,10 +153,34 @@ def load_examples(config: TrainConfig, tokenizer: Any, records: dict | None = No
     return split(examples(config.data), config.eval_split, config.seed)
 
 
-def _budget(ram: str) -> int:
-    from edgetune.units import parse_size
+def _plan_inputs(config: TrainConfig, model_dir: Path, dtype: Any) -> tuple:
+    from edgetune.plan.shape import shape_from_model_dir
 
-    return parse_size(ram)
+    return shape_from_model_dir(model_dir), parse_size(config.ram), str(dtype).endswith("bfloat16")
+
+
+def apply_plan(config: TrainConfig, model_dir: Path, device: str, dtype: Any) -> TrainConfig:
+    """--plan auto: the planner's quantization, rank, batch, checkpointing and optimizer."""
+    from edgetune.plan.search import choose
+
+    shape, budget, bf16 = _plan_inputs(config, model_dir, dtype)
+    plan = choose(shape, budget, seq_len=config.seq_len, device=device,
+                  target_batch=config.batch_size * config.grad_accum,
+                  dtype="bf16" if bf16 else "fp32", budget_flag=f"--ram {config.ram}")
+    print(f"edgetune: --plan auto for --ram {config.ram}: {plan.describe()} "
+          f"(predicted peak {plan.memory.total / 2**30:.2f} GiB)")
+    return dataclasses.replace(config, quant=plan.quant, rank=plan.rank, batch_size=plan.batch_size,
+                               grad_accum=plan.grad_accum, optim=plan.optim,
+                               grad_checkpointing=plan.grad_checkpointing, plan=None)
+
+
+def _suggestion(config: TrainConfig, model_dir: Path, dtype: Any) -> str:
+    from edgetune.plan.search import suggestion
+
+    shape, budget, bf16 = _plan_inputs(config, model_dir, dtype)
+    return suggestion(shape, budget, seq_len=config.seq_len,
+                      target_batch=config.batch_size * config.grad_accum,
+                      dtype="bf16" if bf16 else "fp32", device=config.device.replace("auto", "cpu"))
 
 
 def _report(summary: Any, run_dir: Path) -> None:

@@ -1,0 +1,245 @@
+"""The memory model: peak resident memory of `edgetune train` for one setting, term by term.
+
+What is predicted is the peak resident set size the kernel reports (VmHWM, `ru_maxrss`): anonymous
+memory plus file pages that are mapped and resident, which includes the checkpoint file while
+transformers memory-maps it during loading. The peak is the larger of two moments: loading (the
+mapped checkpoint beside the weights being built from it) and a training step (weights, adapter,
+optimizer state, saved activations, the loss chunk and temporary buffers).
+
+Every constant below was measured on `edgetune train` (torch 2.13 CPU, transformers 5.23, peft 0.21,
+bitsandbytes 0.50) and is checked by benchmarks/planner_accuracy.py.
+"""
+
+from dataclasses import dataclass, field
+
+from edgetune.plan.shape import DTYPE_BYTES, ModelShape
+
+MiB = 2**20
+# Resident memory of the runtime itself after importing torch + transformers + peft and building the
+# model objects: measured ~305 MB anonymous plus ~145 MB of mapped shared libraries.
+RUNTIME_BYTES = 450 * MiB
+# bitsandbytes adds its own library and CPU kernels once imported (nf4, int8 or an 8-bit optimizer).
+BNB_RUNTIME_BYTES = 60 * MiB
+# Share of the budget kept free for what the model does not see (allocator fragmentation, the page
+# cache of the data file, other threads' arenas): the planner fits `peak * (1 + SAFETY_MARGIN)`.
+SAFETY_MARGIN = 0.10
+NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
+NF4_DQ_BLOCK = 256  # double quantization: absmax values quantized to 8 bits in blocks of 256
+OPTIM_8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizer state: one fp32 scale per 256 values
+# The trainer's loss: fp32 logits of at most 2**25 elements per chunk (edgetune.train.loss).
+LOSS_CHUNK_ELEMENTS = 2**25
+# Calibrated on measured runs (see the module docstring): gradient tensors of intermediate width in
+# flight during one layer's backward pass, and dequantized copies of the largest 4/8-bit weight.
+BACKWARD_I_COPIES = 4
+DEQUANT_COPIES = 2
+# Measured peak over saved activation bytes without checkpointing (fitted, see activation_bytes).
+HEAP_FACTOR = 1.9
+# With checkpointing, share of a layer's saved bytes still resident per layer at the peak (fitted).
+CKPT_RESIDUE = 0.65
+# A CUDA context and its kernels take VRAM outside torch's allocator (not measured on this machine).
+CUDA_CONTEXT_BYTES = 500 * MiB
+COMPUTE_DTYPES = ("bf16", "fp32")
+QUANTS = ("none", "int8", "nf4")
+OPTIMS = ("adamw", "adamw8bit")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training configuration: what the search varies and what the user fixes."""
+
+    quant: str = "none"  # "none" keeps the base in the compute dtype
+    rank: int = 16
+    batch_size: int = 1
+    seq_len: int = 512
+    grad_checkpointing: bool = False
+    optim: str = "adamw"
+    dtype: str = "bf16"
+    double_quant: bool = True
+    device: str = "cpu"
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Named byte counts of a training step, and the loading peak.
+
+    `peak` is the predicted peak RSS (what `ru_maxrss` will report). `total` is what must fit the
+    budget: the training step plus the safety margin. Loading may peak higher in RSS, but only by
+    the mapped checkpoint's clean file pages, which the kernel drops under memory pressure instead
+    of failing, so a checkpoint larger than the budget still loads.
+    """
+
+    terms: dict[str, int] = field(default_factory=dict)
+    load_peak: int = 0  # RSS while loading, mapped checkpoint pages included
+    margin: float = SAFETY_MARGIN
+
+    @property
+    def train_peak(self) -> int:
+        return sum(self.terms.values())
+
+    @property
+    def peak(self) -> int:
+        return max(self.train_peak, self.load_peak)
+
+    @property
+    def total(self) -> int:
+        return int(self.train_peak * (1 + self.margin))
+
+
+def compute_bytes(dtype: str) -> int:
+    return 4 if dtype == "fp32" else 2
+
+
+def base_linear_bytes(shape: ModelShape, quant: str, dtype: str, double_quant: bool = True) -> int:
+    """The decoder's linear weights in their stored format, block scales included."""
+    n = shape.linear_params
+    if quant == "none":
+        return n * compute_bytes(dtype)
+    if quant == "int8":
+        # LLM.int8: one byte per weight plus one fp32 scale per output row.
+        rows = shape.layers * sum(out for _, out in shape.linears())
+        return n + 4 * rows
+    blocks = -(-n // NF4_BLOCK)
+    if not double_quant:
+        return n // 2 + 4 * blocks
+    # absmax as uint8 per block, one fp32 scale and offset per 256 blocks.
+    return n // 2 + blocks + 8 * -(-blocks // NF4_DQ_BLOCK)
+
+
+def unquantized_bytes(shape: ModelShape, dtype: str) -> int:
+    """Embeddings, output layer (once when tied) and norms: always in the compute dtype."""
+    return (shape.embedding_params + shape.small_params) * compute_bytes(dtype)
+
+
+def adapter_bytes(shape: ModelShape, rank: int) -> int:
+    """LoRA A and B matrices, kept in fp32."""
+    return 4 * shape.lora_params(rank)
+
+
+def optimizer_bytes(shape: ModelShape, rank: int, optim: str) -> int:
+    """AdamW's two fp32 moments, or two uint8 states with one fp32 scale per block each."""
+    n = shape.lora_params(rank)
+    if optim == "adamw":
+        return 8 * n
+    blocks = shape.layers * sum(-(-rank * a // OPTIM_8BIT_BLOCK) + -(-rank * b // OPTIM_8BIT_BLOCK)
+                                for a, b in shape.linears())
+    # One uint8 state and one fp32 absmax per block for each moment; blocks are per tensor.
+    return 2 * n + 2 * 4 * blocks
+
+
+def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int]:
+    """Bytes per token that one decoder layer keeps for its backward pass, by source.
+
+    PEFT casts each adapted layer's input to the adapter's fp32 before lora_A, and autograd keeps
+    each cast copy; with an fp32 compute dtype the cast is a no-op and q, k, v (and gate, up) share
+    one saved input, and o_proj's input is the attention output itself. RMSNorm upcasts its input to
+    fp32 and keeps it. A frozen bf16 linear layer keeps nothing, but bitsandbytes' 4/8-bit matmuls
+    keep their input. SDPA (flash kernel on the CPU) keeps q, k, v, its output and a logsumexp, no
+    seq x seq matrix. Checked against autograd's saved-tensor hooks: 40,470 bytes per token for a
+    SmolLM2 layer in fp32 (this model: 40,420), 37,377 in bf16 (this model: 37,348).
+    """
+    c = compute_bytes(setting.dtype)
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    share = c == 4  # the cast is a no-op: consumers of one tensor share its saved copy
+    n_qkv, n_gu = (1, 1) if share or shape.fused else (3, 2)
+    n_adapted = len(shape.linears())
+    terms = {
+        "norms": 4 * h * shape.norms_per_layer,  # fp32 copy of each norm's input
+        "lora inputs": 4 * (n_qkv * h + n_gu * h + (0 if share else q) + i),
+        "lora A outputs": 4 * setting.rank * n_adapted,
+        "attention": c * (2 * q + 2 * kv) + 4 * shape.heads,  # q, k, v, output; fp32 logsumexp
+        "mlp": 3 * c * i,  # gate output (silu's input), silu output, up output
+    }
+    if shape.qk_norm:
+        terms["attention"] += 4 * (q + kv)
+    if setting.quant != "none":
+        terms["quantized inputs"] = c * (2 * h + q + i)
+    return terms
+
+
+def activation_bytes(shape: ModelShape, setting: Setting) -> int:
+    """Resident memory for the decoder's activations at the peak of a training step.
+
+    Without checkpointing every layer keeps its saved tensors; with checkpointing (one checkpoint per
+    layer) each keeps its input and one layer at a time is recomputed. Measured peaks are higher
+    than the saved bytes, by factors fitted on SmolLM2-135M runs: glibc keeps freed blocks of one
+    step's temporaries in the heap between the saved tensors, and the next steps reuse them only in
+    part (the peak grows from step 1 to step 2 by ~9%).
+    """
+    per_layer = sum(layer_activation_bytes(shape, setting).values())
+    c = compute_bytes(setting.dtype)
+    if setting.grad_checkpointing:
+        kept = shape.layers * (c * shape.hidden + CKPT_RESIDUE * per_layer) + per_layer
+        return int(setting.tokens * kept)
+    return int(setting.tokens * shape.layers * per_layer * HEAP_FACTOR)
+
+
+def backward_work_bytes(shape: ModelShape, setting: Setting) -> int:
+    """Gradients in flight inside one layer's backward pass: a few intermediate-width tensors."""
+    c = compute_bytes(setting.dtype)
+    return setting.tokens * BACKWARD_I_COPIES * (c + 4) // 2 * shape.intermediate
+
+
+def loss_bytes(shape: ModelShape, setting: Setting) -> int:
+    """The chunked loss: hidden states of the label tokens, their gradient, and one logits chunk.
+
+    The trainer keeps the final hidden states, a copy of those at label positions and a gradient of
+    the same size; each chunk of at most 2**25 logits lives as the matmul output in the compute dtype
+    plus its fp32 copy (turned into probabilities in place), and the probabilities cast back.
+    """
+    c = compute_bytes(setting.dtype)
+    tokens = setting.tokens
+    chunk = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // shape.vocab))
+    hidden = tokens * shape.hidden * (4 + 3 * c)  # final norm's fp32 input, output, selection, grad
+    # fp32 logits plus logsumexp's temporary of the same size; in bf16 also the matmul's output.
+    return hidden + chunk * shape.vocab * (8 + (2 if c == 2 else 0))
+
+
+def temporary_bytes(shape: ModelShape, setting: Setting) -> int:
+    """Dequantized weights during a 4/8-bit matmul: the largest linear layer in the compute dtype."""
+    if setting.quant == "none":
+        return 0
+    largest = max(a * b for a, b in shape.linears())
+    return DEQUANT_COPIES * largest * compute_bytes(setting.dtype)
+
+
+def load_peak_bytes(shape: ModelShape, setting: Setting, runtime: int, weights: int) -> int:
+    """Peak while loading: the memory-mapped checkpoint's pages beside the weights built from it.
+
+    A checkpoint stored in the compute dtype is used in place (its mapped pages are the weights);
+    any conversion (fp32 file to bf16, or quantization) reads every page while the converted
+    weights accumulate.
+    """
+    file_bytes = shape.params * DTYPE_BYTES.get(shape.file_dtype, 2)
+    in_place = setting.quant == "none" and DTYPE_BYTES.get(shape.file_dtype) == compute_bytes(setting.dtype)
+    if setting.device != "cpu":
+        return 0  # the mapped file is host memory; VRAM only holds the converted weights
+    return runtime + (weights if in_place else file_bytes + weights)
+
+
+def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
+    """Every term of the predicted peak for `setting` on `shape`."""
+    uses_bnb = setting.quant != "none" or setting.optim != "adamw"
+    runtime = RUNTIME_BYTES + (BNB_RUNTIME_BYTES if uses_bnb else 0)
+    if setting.device != "cpu":
+        runtime = CUDA_CONTEXT_BYTES
+    base = base_linear_bytes(shape, setting.quant, setting.dtype, setting.double_quant)
+    kept = unquantized_bytes(shape, setting.dtype)
+    adapter = adapter_bytes(shape, setting.rank)
+    terms = {
+        "runtime": runtime,
+        "base weights": base,
+        "embeddings+norms": kept,
+        "lora": adapter,
+        "lora grads": adapter,
+        "optimizer": optimizer_bytes(shape, setting.rank, setting.optim),
+        "activations": activation_bytes(shape, setting),
+        "backward": backward_work_bytes(shape, setting),
+        "loss": loss_bytes(shape, setting),
+        "dequant": temporary_bytes(shape, setting),
+    }
+    load = load_peak_bytes(shape, setting, runtime, base + kept)
+    return Breakdown(terms, load)

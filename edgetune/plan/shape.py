@@ -1,0 +1,181 @@
+"""A model's shape: the numbers the memory model needs, read from config.json or GGUF metadata.
+
+Readers touch only the config file or the GGUF header; no weights are loaded and torch is not imported.
+"""
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edgetune.errors import EdgetuneError
+
+# Bytes per element of the dtypes a checkpoint may be stored in (config.json's "dtype"/"torch_dtype").
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner knows of a decoder-only transformer; every count is exact, not rounded."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    norms_per_layer: int = 2  # Gemma 2 has four (pre/post attention and feed-forward)
+    qk_norm: bool = False  # Qwen3 normalises queries and keys per head
+    attention_bias: bool = False  # Qwen2 has biases on q, k and v
+    fused: bool = False  # Phi-3 packs q, k, v into one linear layer and gate, up into another
+    file_dtype: str = "bfloat16"  # how the checkpoint stores its weights on disk
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linears(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear layer LoRA adapts in one decoder layer: q, k, v, o, gate, up, down."""
+        h, i = self.hidden, self.intermediate
+        if self.fused:
+            return [(h, self.q_dim + 2 * self.kv_dim), (self.q_dim, h), (h, 2 * i), (i, h)]
+        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h),
+                (h, i), (h, i), (i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of all decoder linear layers: the part 4/8-bit quantization shrinks."""
+        return self.layers * sum(a * b for a, b in self.linears())
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding plus the output layer, counted once when they are tied."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def small_params(self) -> int:
+        """Norm weights and biases: kept in the compute dtype whatever the quantization."""
+        per_layer = self.norms_per_layer * self.hidden
+        per_layer += 2 * self.head_dim if self.qk_norm else 0
+        per_layer += self.q_dim + 2 * self.kv_dim if self.attention_bias else 0
+        return self.layers * per_layer + self.hidden  # + the final norm
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params + self.small_params
+
+    def to_config(self) -> dict:
+        """The config.json numbers of this shape (what `edgetune.devices` reads)."""
+        return {"hidden_size": self.hidden, "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
+                "head_dim": self.head_dim, "intermediate_size": self.intermediate,
+                "vocab_size": self.vocab, "tie_word_embeddings": self.tied}
+
+    def lora_params(self, rank: int) -> int:
+        """A (rank x in) plus B (out x rank) for every adapted linear layer."""
+        return self.layers * sum(rank * (a + b) for a, b in self.linears())
+
+
+# config.json "model_type" -> per-architecture extras the generic keys do not carry.
+_ARCH_EXTRAS: dict[str, dict[str, Any]] = {
+    "llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
+    "gemma2": {"norms_per_layer": 4}, "phi3": {"fused": True}, "smollm3": {}, "olmo2": {"qk_norm": True},
+}
+
+
+def shape_from_config(config: dict, name: str = "model") -> ModelShape:
+    """The shape in an HF config.json dict; an architecture it cannot describe raises EdgetuneError."""
+    arch = config.get("model_type", "?")
+    if arch not in _ARCH_EXTRAS:
+        raise EdgetuneError(f"model {name}: architecture {arch!r} is not one the planner knows; "
+                            f"known: {', '.join(sorted(_ARCH_EXTRAS))}")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "vocab_size") if k not in config]
+    if missing:
+        raise EdgetuneError(f"model {name}: config.json lacks {', '.join(missing)}")
+    heads = config["num_attention_heads"]
+    extras = dict(_ARCH_EXTRAS[arch])
+    if "attention_bias" in config:
+        extras["attention_bias"] = bool(config["attention_bias"])
+    dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    return ModelShape(
+        name=name, hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        intermediate=config["intermediate_size"], vocab=config["vocab_size"],
+        tied=bool(config.get("tie_word_embeddings", False)),
+        file_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16", **extras)
+
+
+def shape_from_model_dir(path: str | Path) -> ModelShape:
+    """The shape of a local HF model folder, from its config.json alone."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise EdgetuneError(f"model folder {path} has no config.json")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise EdgetuneError(f"{file}: not valid JSON ({exc.msg})") from None
+    return shape_from_config(config, Path(path).name)
+
+
+# GGUF architecture names -> config.json model_type.
+_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+              "phi3": "phi3", "mistral": "mistral"}
+
+
+def shape_from_gguf_fields(fields: dict, name: str = "model") -> ModelShape:
+    """The shape in GGUF header fields ({key: value}); the vocabulary is the token list's length."""
+    arch = fields.get("general.architecture")
+    if arch not in _GGUF_ARCH:
+        raise EdgetuneError(f"GGUF {name}: architecture {arch!r} is not one the planner knows; "
+                            f"known: {', '.join(sorted(_GGUF_ARCH))}")
+
+    def key(suffix: str, default: Any = None) -> Any:
+        value = fields.get(f"{arch}.{suffix}", default)
+        if value is None:
+            raise EdgetuneError(f"GGUF {name}: header lacks {arch}.{suffix}")
+        return value
+
+    heads = key("attention.head_count")
+    hidden = key("embedding_length")
+    vocab = fields.get(f"{arch}.vocab_size") or fields.get("tokenizer.ggml.tokens.count")
+    config = {"model_type": _GGUF_ARCH[arch], "hidden_size": hidden,
+              "num_hidden_layers": key("block_count"), "num_attention_heads": heads,
+              "num_key_value_heads": key("attention.head_count_kv", heads),
+              "head_dim": key("attention.key_length", hidden // heads),
+              "intermediate_size": key("feed_forward_length"), "vocab_size": vocab,
+              "tie_word_embeddings": not fields.get("has_output_tensor", False),
+              "dtype": "float32"}  # edgetune dequantizes GGUF models to a float32 checkpoint
+    if vocab is None:
+        raise EdgetuneError(f"GGUF {name}: header has no vocabulary size or token list")
+    return shape_from_config(config, name)
+
+
+def shape_from_gguf(path: str | Path) -> ModelShape:
+    """The shape of a .gguf file, from its header (tensor names, not tensor data)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError) as exc:
+        raise EdgetuneError(f"cannot read GGUF {path}: {exc}") from None
+    fields: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key == "tokenizer.ggml.tokens":
+            fields["tokenizer.ggml.tokens.count"] = len(field.data)
+        elif not key.startswith("tokenizer."):
+            fields[key] = field.contents()
+    fields["has_output_tensor"] = any(t.name == "output.weight" for t in reader.tensors)
+    return shape_from_gguf_fields(fields, Path(path).stem)
+
+
+def with_name(shape: ModelShape, name: str) -> ModelShape:
+    return replace(shape, name=name)

@@ -1,0 +1,220 @@
+"""The planner's shapes, memory terms and search: exact numbers where exact numbers exist."""
+
+import json
+
+import pytest
+
+from edgetune.errors import EdgetuneError
+from edgetune.plan import memory, search
+from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
+from edgetune.plan.memory import Setting, breakdown
+from edgetune.plan.shape import shape_from_config, shape_from_gguf, shape_from_model_dir
+
+# Parameter counts the model cards and safetensors indexes state.
+KNOWN_PARAMS = {
+    "smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120, "smollm2-1.7b": 1_711_376_384,
+    "qwen2.5-0.5b": 494_032_768, "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512,
+    "qwen3-0.6b": 596_049_920, "qwen3-4b": 4_022_468_096, "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248, "gemma-2-2b": 2_614_341_888,
+    "phi-3.5-mini": 3_821_079_552, "mistral-7b": 7_248_023_552,
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_PARAMS))
+def test_catalogue_parameter_counts(name):
+    assert catalogue_shape(name).params == KNOWN_PARAMS[name]
+
+
+def test_catalogue_has_the_issue_models():
+    wanted = {"smollm2-135m", "smollm2-360m", "smollm2-1.7b", "qwen2.5-0.5b", "qwen2.5-1.5b",
+              "qwen2.5-3b", "qwen2.5-7b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b",
+              "llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b", "gemma-2-2b", "phi-3.5-mini",
+              "mistral-7b"}
+    assert wanted <= set(CATALOGUE)
+    with pytest.raises(EdgetuneError, match="not in the catalogue"):
+        catalogue_shape("gpt-5")
+
+
+@pytest.mark.parametrize("arch,tie", [("llama", False), ("llama", True), ("qwen2", True),
+                                      ("qwen3", False), ("mistral", False)])
+def test_shape_counts_match_the_real_model(tiny_factory, arch, tie):
+    import torch  # noqa: F401  (the reference side may use torch; the planner does not)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_factory(arch, tie=tie)
+    shape = shape_from_model_dir(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.tied == tie
+    peft = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert shape.lora_params(8) == sum(p.numel() for p in peft.parameters() if p.requires_grad)
+
+
+def test_gguf_header_gives_the_shape(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "m.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_embedding_length(64)
+    writer.add_block_count(2)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_feed_forward_length(128)
+    writer.add_token_list([f"t{i}" for i in range(300)])
+    writer.add_tensor("token_embd.weight", np.zeros((300, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    shape = shape_from_gguf(path)
+    assert (shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim,
+            shape.intermediate, shape.vocab, shape.tied) == (64, 2, 4, 2, 16, 128, 300, True)
+
+
+def test_unknown_architecture_is_a_user_error():
+    with pytest.raises(EdgetuneError, match="'bert' is not one the planner knows"):
+        shape_from_config({"model_type": "bert"})
+
+
+SHAPE = catalogue_shape("qwen2.5-0.5b")
+N = SHAPE.linear_params
+
+
+def test_base_weights_by_format():
+    rows = SHAPE.layers * sum(out for _, out in SHAPE.linears())
+    assert memory.base_linear_bytes(SHAPE, "none", "fp32") == 4 * N
+    assert memory.base_linear_bytes(SHAPE, "none", "bf16") == 2 * N
+    assert memory.base_linear_bytes(SHAPE, "int8", "bf16") == N + 4 * rows
+    blocks = N // 64  # every linear layer of this shape is a multiple of 64 weights
+    assert memory.base_linear_bytes(SHAPE, "nf4", "bf16", double_quant=False) == N // 2 + 4 * blocks
+    double = memory.base_linear_bytes(SHAPE, "nf4", "bf16", double_quant=True)
+    assert double == N // 2 + blocks + 8 * -(-blocks // 256)
+    # Double quantization saves ~0.37 bits per weight (4.5 -> ~4.127 bits).
+    assert 4.12 < 8 * double / N < 4.13
+
+
+def test_embeddings_stay_in_compute_dtype_and_tied_count_once():
+    untied = shape_from_config({**CATALOGUE["qwen2.5-0.5b"][1], "tie_word_embeddings": False})
+    tied_bytes = memory.unquantized_bytes(SHAPE, "bf16")
+    assert memory.unquantized_bytes(untied, "bf16") - tied_bytes == 2 * SHAPE.vocab * SHAPE.hidden
+    assert memory.unquantized_bytes(SHAPE, "fp32") == 2 * tied_bytes
+    # Quantizing the base leaves this term alone.
+    terms = breakdown(SHAPE, Setting(quant="nf4")).terms
+    assert terms["embeddings+norms"] == tied_bytes
+
+
+def test_adapter_gradients_and_optimizer_state():
+    n = SHAPE.lora_params(16)
+    assert n == 16 * SHAPE.layers * (896 * 9 + 128 * 2 + 4864 * 3)  # q k v o gate up down
+    terms = breakdown(SHAPE, Setting(rank=16)).terms
+    assert terms["lora"] == terms["lora grads"] == 4 * n
+    assert terms["optimizer"] == 8 * n
+    eight = memory.optimizer_bytes(SHAPE, 16, "adamw8bit")
+    assert 2 * n < eight < 2.07 * n  # uint8 states plus one fp32 scale per 256 values
+
+
+def test_activations_checkpointing_and_attention_terms():
+    plain = Setting(batch_size=4, seq_len=256, dtype="bf16")
+    ckpt = Setting(batch_size=4, seq_len=256, dtype="bf16", grad_checkpointing=True)
+    assert memory.activation_bytes(SHAPE, ckpt) < 0.5 * memory.activation_bytes(SHAPE, plain)
+    double = Setting(batch_size=8, seq_len=256, dtype="bf16")
+    assert abs(memory.activation_bytes(SHAPE, double) - 2 * memory.activation_bytes(SHAPE, plain)) <= 1
+    layer = memory.layer_activation_bytes(SHAPE, plain)
+    # SDPA's flash kernel keeps no seq x seq matrix: per-token bytes do not grow with seq_len.
+    assert layer == memory.layer_activation_bytes(SHAPE, Setting(seq_len=4096, dtype="bf16"))
+    assert "quantized inputs" in memory.layer_activation_bytes(SHAPE, Setting(quant="nf4"))
+
+
+def test_layer_activations_match_autograd_saved_tensors():
+    """Bytes per token per layer counted with saved-tensor hooks on a SmolLM2 layer (rank 16)."""
+    smollm = catalogue_shape("smollm2-135m")
+    fp32 = sum(memory.layer_activation_bytes(smollm, Setting(rank=16, dtype="fp32")).values())
+    bf16 = sum(memory.layer_activation_bytes(smollm, Setting(rank=16, dtype="bf16")).values())
+    assert abs(fp32 - 40_470) / 40_470 < 0.01
+    assert abs(bf16 - 37_377) / 37_377 < 0.01
+
+
+def test_loss_term_is_one_chunk_not_the_whole_batch():
+    small = memory.loss_bytes(SHAPE, Setting(batch_size=1, seq_len=64, dtype="fp32"))
+    big = memory.loss_bytes(SHAPE, Setting(batch_size=16, seq_len=1024, dtype="fp32"))
+    chunk = memory.LOSS_CHUNK_ELEMENTS // SHAPE.vocab * SHAPE.vocab
+    assert small == 64 * SHAPE.vocab * 8 + 64 * SHAPE.hidden * 16
+    assert big - 16 * 1024 * SHAPE.hidden * 16 == chunk * 8
+
+
+def test_dequantized_buffer_only_when_quantized():
+    assert memory.temporary_bytes(SHAPE, Setting(quant="none")) == 0
+    largest = 896 * 4864
+    assert memory.temporary_bytes(SHAPE, Setting(quant="nf4", dtype="bf16")) == 2 * 2 * largest
+
+
+def test_runtime_margin_and_load_peak():
+    b = breakdown(SHAPE, Setting(dtype="bf16"))
+    assert b.terms["runtime"] == memory.RUNTIME_BYTES
+    assert breakdown(SHAPE, Setting(quant="nf4")).terms["runtime"] > memory.RUNTIME_BYTES
+    assert b.total == int(b.train_peak * (1 + memory.SAFETY_MARGIN))
+    # A bf16 checkpoint loaded as nf4: the mapped file sits beside the weights being quantized.
+    nf4 = breakdown(SHAPE, Setting(quant="nf4", dtype="bf16"))
+    assert nf4.load_peak > 2 * SHAPE.params
+    assert nf4.peak == max(nf4.load_peak, nf4.train_peak)
+
+
+def test_choose_prefers_precision_then_rank_then_speed():
+    huge = search.choose(SHAPE, 64 * 2**30, seq_len=256, target_batch=8, dtype="bf16")
+    assert (huge.quant, huge.optim, huge.rank, huge.grad_checkpointing, huge.batch_size,
+            huge.grad_accum) == ("none", "adamw", 64, False, 8, 1)
+    plans = search.ranked(SHAPE, 3 * 2**30, seq_len=256, target_batch=8, dtype="bf16")
+    keys = [search._preference(p) for p in plans]
+    assert keys == sorted(keys) and plans[0].memory.total <= 3 * 2**30
+    tight = search.choose(SHAPE, 2 * 2**30, seq_len=256, target_batch=8, dtype="bf16")
+    assert tight.memory.total <= 2 * 2**30
+    assert tight.batch_size * tight.grad_accum >= 8
+
+
+def test_nothing_fits_names_the_budget_and_the_fix():
+    shape = catalogue_shape("qwen2.5-7b")
+    with pytest.raises(EdgetuneError) as info:
+        search.choose(shape, 2 * 2**30, seq_len=512, dtype="bf16")
+    message = str(info.value)
+    least = search.smallest(shape, seq_len=512, dtype="bf16")
+    assert message.startswith("--ram 2.00GiB is too small for qwen2.5-7b: needs")
+    assert f"{least.memory.total / 2**30:.2f} GiB" in message and "nf4, rank 4, batch 1" in message
+    assert "checkpointing" in message and "smaller model" in message
+
+
+def test_too_small_suggests_a_shorter_sequence_when_that_fits():
+    shape = catalogue_shape("smollm2-135m")
+    need_long = search.smallest(shape, seq_len=4096, dtype="fp32").memory.total
+    need_short = search.smallest(shape, seq_len=2048, dtype="fp32").memory.total
+    budget = (need_long + need_short) // 2
+    with pytest.raises(EdgetuneError, match="try --seq-len 2048"):
+        search.choose(shape, budget, seq_len=4096, dtype="fp32")
+
+
+def test_plan_flags_are_valid_train_flags():
+    from edgetune.cli import parser
+    from edgetune.config import build, overrides_from
+    from edgetune.train.config import TrainConfig
+
+    plan = search.choose(SHAPE, 3 * 2**30, seq_len=256, target_batch=8, dtype="bf16")
+    args = parser("train").parse_args(["train", "--data", "x.jsonl", *plan.train_flags()])
+    config = build(TrainConfig, None, overrides_from(args, TrainConfig))
+    assert (config.quant, config.rank, config.batch_size, config.grad_accum, config.optim,
+            config.grad_checkpointing, config.seq_len) == (
+        plan.quant, plan.rank, plan.batch_size, plan.grad_accum, plan.optim,
+        plan.grad_checkpointing, plan.seq_len)
+
+
+def test_every_catalogue_model_fits_somewhere():
+    for shape in all_shapes():
+        plan = search.smallest(shape, seq_len=256, dtype="bf16")
+        assert plan.quant == "nf4" and plan.rank == 4 and plan.batch_size == 1
+        assert json.dumps(plan.memory.terms)  # plain ints, serialisable
+
+
+def test_suggestion_for_the_memory_guard():
+    line = search.suggestion(SHAPE, 3 * 2**30, seq_len=256, target_batch=8, dtype="bf16")
+    assert line.startswith("`edgetune plan` suggests") and "--quant" in line
+    assert "too small" in search.suggestion(SHAPE, 2**28, seq_len=256, target_batch=8)
