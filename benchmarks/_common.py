@@ -8,18 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-# Exact shapes from the models' config.json files; weights are random (hubs are unreachable here).
-SHAPES = {
-    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,
-                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-                         rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5),
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
-                         max_position_embeddings=32768, rms_norm_eps=1e-6),
-}
-
 
 def smollm2_dir() -> Path:
     from edgetune import models
@@ -35,7 +23,9 @@ def shaped_model(name: str, root: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    shape = dict(SHAPES[name])
+    from edgetune.plan.catalogue import CATALOGUE
+
+    shape = dict(CATALOGUE[name][1])  # the exact config.json numbers the planner uses
     config = AutoConfig.for_model(shape.pop("model_type"), **shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
