@@ -1,12 +1,15 @@
 """The planner against measured peak RSS: real `edgetune train` runs, each in a fresh process.
 
-    python benchmarks/planner_accuracy.py [--only SUBSTRING] [--results FILE] [--report]
+    python benchmarks/planner_accuracy.py [--only SUBSTRING] [--repeats N] [--results FILE] [--report]
 
 Each configuration trains 3 steps on data whose every example fills --seq-len (so activations are at
 their maximum); the peak is the child's maximum resident set (wait4 ru_maxrss), which counts the
-memory-mapped checkpoint file as the planner does. Models: the real SmolLM2-135M, and random models
-with the exact shapes of Qwen2.5-0.5B (151,936-token vocabulary) and Llama-3.2-1B. Measurements are
-saved to --results, and --report re-prints the table from them with the planner's current numbers.
+memory-mapped checkpoint file as the planner does. With --repeats N each configuration runs N
+times in fresh processes and the median peak is compared; the spread is printed, because glibc's
+heap makes the same run's peak vary by a few percent between processes. Models: the real
+SmolLM2-135M, and random models with the exact shapes of Qwen2.5-0.5B (151,936-token vocabulary)
+and Llama-3.2-1B. Measurements are saved to --results, and --report re-prints the table from them
+with the planner's current numbers.
 """
 
 import argparse
@@ -50,16 +53,20 @@ def model_dir(name: str, work: Path) -> Path:
     return smollm2_dir() if name == "smollm2-135m" else shaped_model(name, work)
 
 
-def measure(config: tuple, work: Path, dtype: str) -> dict:
+def measure(config: tuple, work: Path, dtype: str, repeats: int) -> dict:
     model, quant, optim, rank, batch, seq, ckpt = config
     data = full_length_text(work / f"data-{seq}.jsonl", 64, seq * 2)
     args = ["--model", str(model_dir(model, work)), "--data", str(data), "--steps", "3",
             "--batch-size", str(batch), "--seq-len", str(seq), "--rank", str(rank), "--quant", quant,
             "--optim", optim, "--dtype", dtype, "--eval-split", "0", "--eval-every", "0",
             "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"]
-    run = run_train(args, work / "run")
-    speeds = [r["tokens_per_s"] for r in run["log"][1:]]
-    return {"peak_rss": run["peak_rss"], "tokens_per_s": median(speeds) if speeds else None}
+    peaks, speeds = [], []
+    for _ in range(repeats):
+        run = run_train(args, work / "run")
+        peaks.append(run["peak_rss"])
+        speeds += [r["tokens_per_s"] for r in run["log"][1:]]
+    return {"peak_rss": median(peaks), "peaks": peaks,
+            "tokens_per_s": median(speeds) if speeds else None}
 
 
 def predict(config: tuple, work: Path, dtype: str) -> tuple[int, float]:
@@ -72,8 +79,8 @@ def predict(config: tuple, work: Path, dtype: str) -> tuple[int, float]:
 
 def report(results: dict, work: Path, dtype: str) -> None:
     print(f"\n{'configuration':<44}{'predicted':>11}{'measured':>11}{'error':>8}"
-          f"{'tok/s pred':>12}{'tok/s meas':>12}")
-    errors = []
+          f"{'spread':>11}{'tok/s pred':>12}{'tok/s meas':>12}{'error':>8}")
+    errors, speed_errors = [], []
     for config in CONFIGS:
         entry = results.get(key(config))
         if entry is None:
@@ -82,17 +89,27 @@ def report(results: dict, work: Path, dtype: str) -> None:
         error = predicted / entry["peak_rss"] - 1
         errors.append(error)
         measured_speed = entry.get("tokens_per_s")
+        speed_error = speed / measured_speed - 1 if measured_speed else None
+        if speed_error is not None:
+            speed_errors.append(speed_error)
+        peaks = entry.get("peaks", [entry["peak_rss"]])
+        spread = f"{min(peaks) / 2**30:.2f}-{max(peaks) / 2**30:.2f}" if len(peaks) > 1 else ""
         print(f"{key(config):<44}{predicted / 2**30:>8.2f} GiB{entry['peak_rss'] / 2**30:>8.2f} GiB"
-              f"{error:>+8.1%}{speed:>12.0f}{measured_speed or 0:>12.0f}")
+              f"{error:>+8.1%}{spread:>11}{speed:>12.0f}{measured_speed or 0:>12.0f}"
+              f"{speed_error if speed_error is not None else float('nan'):>+8.0%}")
     if errors:
         worst = max(errors, key=abs)
         print(f"\n{len(errors)} configurations: median error {median(errors):+.1%}, "
               f"worst {worst:+.1%}, within +-10%: {sum(abs(e) <= 0.10 for e in errors)}")
+    if speed_errors:
+        print(f"tokens/s estimate: median error {median(speed_errors):+.0%}, within +-30%: "
+              f"{sum(abs(e) <= 0.30 for e in speed_errors)} of {len(speed_errors)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run only configurations whose name contains this")
+    parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per configuration")
     parser.add_argument("--results", default=str(Path(tempfile.gettempdir()) / "planner_accuracy.json"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "planner_accuracy"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
@@ -106,7 +123,7 @@ def main() -> None:
         for config in CONFIGS:
             if args.only not in key(config):
                 continue
-            results[key(config)] = measure(config, work, args.dtype)
+            results[key(config)] = measure(config, work, args.dtype, args.repeats)
             results_file.write_text(json.dumps(results, indent=2))
             print(f"{key(config)}: peak {results[key(config)]['peak_rss'] / 2**30:.2f} GiB", flush=True)
     report(results, work, args.dtype)

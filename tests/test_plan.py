@@ -125,6 +125,9 @@ def test_activations_checkpointing_and_attention_terms():
     # SDPA's flash kernel keeps no seq x seq matrix: per-token bytes do not grow with seq_len.
     assert layer == memory.layer_activation_bytes(SHAPE, Setting(seq_len=4096, dtype="bf16"))
     assert "quantized inputs" in memory.layer_activation_bytes(SHAPE, Setting(quant="nf4"))
+    # In fp32 bitsandbytes and the adapter save the very same input tensor.
+    fp32 = memory.layer_activation_bytes(SHAPE, Setting(quant="nf4", dtype="fp32"))
+    assert fp32 == memory.layer_activation_bytes(SHAPE, Setting(dtype="fp32"))
 
 
 def test_layer_activations_match_autograd_saved_tensors():

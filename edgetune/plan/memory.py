@@ -137,8 +137,8 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
     each cast copy; with an fp32 compute dtype the cast is a no-op and q, k, v (and gate, up) share
     one saved input, and o_proj's input is the attention output itself. RMSNorm upcasts its input to
     fp32 and keeps it. A frozen bf16 linear layer keeps nothing, but bitsandbytes' 4/8-bit matmuls
-    keep their input. SDPA (flash kernel on the CPU) keeps q, k, v, its output and a logsumexp, no
-    seq x seq matrix. Checked against autograd's saved-tensor hooks: 40,470 bytes per token for a
+    keep their input (in fp32, the same tensor as the adapter's). SDPA (flash kernel on the CPU)
+    keeps q, k, v, its output and a logsumexp, no seq x seq matrix. Checked against autograd's saved-tensor hooks: 40,470 bytes per token for a
     SmolLM2 layer in fp32 (this model: 40,420), 37,377 in bf16 (this model: 37,348).
     """
     c = compute_bytes(setting.dtype)
@@ -155,7 +155,9 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
     }
     if shape.qk_norm:
         terms["attention"] += 4 * (q + kv)
-    if setting.quant != "none":
+    if setting.quant != "none" and not share:
+        # bitsandbytes keeps its own compute-dtype input beside the adapter's fp32 copy; in fp32
+        # the two are one tensor (measured: the same saved bytes with and without nf4).
         terms["quantized inputs"] = c * (2 * h + q + i)
     return terms
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from edgetune.plan.memory import Setting, compute_bytes
 from edgetune.plan.shape import ModelShape
 
-# Share of the calibration matmul's speed (256x1024 @ 1024x1024) a training step reaches. "none"
-# measured with `edgetune train` on SmolLM2-135M (fp32, batch 4 x 256, 5 GFLOP/s calibrated on a
-# shared 2-core machine, 9 tokens/s trained = ~5 GFLOP/s). The 4/8-bit figures are provisional:
-# bitsandbytes' CPU kernels dequantize the weight on every call (see benchmarks/planner_accuracy.py).
-EFFICIENCY = {"none": 0.9, "int8": 0.4, "nf4": 0.4}
+# Share of the calibration matmul's speed (256x1024 @ 1024x1024) a training step reaches, fitted on
+# the medians of benchmarks/planner_accuracy.py (12 runs, fp32, a quiet 2-core AVX2 machine at 91
+# GFLOP/s): unquantized runs reached 0.58-1.04 of it (the smallest batches lowest), nf4 runs
+# 0.48-0.86 (bitsandbytes' CPU path dequantizes each weight on every call), the int8 run 0.68.
+EFFICIENCY = {"none": 0.85, "int8": 0.7, "nf4": 0.75}
 # Used when the machine was never calibrated: a guess for an idle 2-core laptop, said as such.
 DEFAULT_GFLOPS = {"bf16": 20.0, "fp32": 20.0}
 _BENCH = """

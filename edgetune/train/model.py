@@ -1,11 +1,11 @@
 """Loading the base model for training: device, compute dtype, optional 4/8-bit base, LoRA on top."""
 
-import ctypes
 import platform
 from pathlib import Path
 from typing import Any
 
 from edgetune.errors import EdgetuneError
+from edgetune.train.memory import released_promptly
 
 
 def cpu_has_bf16() -> bool:
@@ -43,15 +43,6 @@ def pick_dtype(requested: str, device: str) -> Any:
     return torch.bfloat16
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed while loading back to the OS; glibc keeps it otherwise (~1 GB measured)."""
-    if platform.system() == "Linux":
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 def quantization_config(quant: str, double_quant: bool, dtype: Any) -> Any:
     """bitsandbytes settings for the frozen base; None keeps it in the compute dtype."""
     if quant == "none":
@@ -75,23 +66,23 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
     # A quantized base is read in the file's own dtype: converting a bf16 file to fp32 first left
     # ~1.4 GB of converted copies in the heap on a Qwen2.5-0.5B shape.
     load_dtype = (getattr(config, "dtype", None) or dtype) if quant == "nf4" else dtype
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=load_dtype, attn_implementation="sdpa", device_map=device,
-            quantization_config=quantization_config(quant, double_quant, dtype))
-    except ValueError as exc:
-        if "Unrecognized configuration" in str(exc) or "does not recognize" in str(exc):
-            raise EdgetuneError(f"model {model_dir}: architecture {config.model_type!r} "
-                                "is not supported by transformers") from None
-        raise
-    model.config.use_cache = False
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if quant == "nf4":
-        keep_4bit_layout_trainable(model)
-    if quant != "none":
-        detach_from_weight_file(model, dtype)
-    release_freed_memory()
+    with released_promptly():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=load_dtype, attn_implementation="sdpa", device_map=device,
+                quantization_config=quantization_config(quant, double_quant, dtype))
+        except ValueError as exc:
+            if "Unrecognized configuration" in str(exc) or "does not recognize" in str(exc):
+                raise EdgetuneError(f"model {model_dir}: architecture {config.model_type!r} "
+                                    "is not supported by transformers") from None
+            raise
+        model.config.use_cache = False
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if quant == "nf4":
+            keep_4bit_layout_trainable(model)
+        if quant != "none":
+            detach_from_weight_file(model, dtype)
     return model
 
 

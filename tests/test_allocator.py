@@ -1,0 +1,29 @@
+"""The glibc setting that keeps memory freed while loading from piling up in the heap."""
+
+import sys
+
+import pytest
+import torch
+
+from edgetune.train.memory import released_promptly, rss
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+
+
+def _churn() -> tuple[list, list]:
+    """2 MiB blocks (like weights being converted), each followed by a 256 KiB block that stays live
+    (too large to be served from the allocator's lists of small free blocks)."""
+    big, kept = [], []
+    for _ in range(64):
+        big.append(torch.ones(512 * 1024))
+        kept.append(torch.ones(64 * 1024))
+    return big, kept
+
+
+def test_blocks_freed_while_loading_go_back_to_the_os():
+    with released_promptly():
+        big, kept = _churn()
+        before = rss()
+        del big
+        returned = before - rss()
+    assert returned > 100 * 2**20
