@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for both sides (default: torch's, one per core)")
     parser.add_argument("--steps", default="4,3", help="optimizer steps per model, first untimed")
-    parser.add_argument("--batch", default="4,2", help="examples per step per model")
+    parser.add_argument("--batch", default="4,4", help="examples per step per model")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--work", default=None)
     parser.add_argument("--child", choices=SIDES)

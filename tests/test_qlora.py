@@ -107,4 +107,3 @@ def test_qlora_on_cuda_with_paged_optimizer(tiny_model, alpaca_file, tmp_path):
                                 output=str(tmp_path / "run"), steps=4, batch_size=4, seq_len=64,
                                 rank=8, quant="nf4", optim="paged_adamw8bit", progress=False))
     assert summary.steps == 4 and summary.history[-1]["loss"] < summary.history[0]["loss"]
-
