@@ -89,14 +89,14 @@ def report(results: dict, work: Path, dtype: str) -> None:
         error = predicted / entry["peak_rss"] - 1
         errors.append(error)
         measured_speed = entry.get("tokens_per_s")
-        speed_error = speed / measured_speed - 1 if measured_speed else None
-        if speed_error is not None:
+        speed_error = speed / measured_speed - 1 if measured_speed else float("nan")
+        if measured_speed:
             speed_errors.append(speed_error)
         peaks = entry.get("peaks", [entry["peak_rss"]])
         spread = f"{min(peaks) / 2**30:.2f}-{max(peaks) / 2**30:.2f}" if len(peaks) > 1 else ""
         print(f"{key(config):<44}{predicted / 2**30:>8.2f} GiB{entry['peak_rss'] / 2**30:>8.2f} GiB"
               f"{error:>+8.1%}{spread:>11}{speed:>12.0f}{measured_speed or 0:>12.0f}"
-              f"{speed_error if speed_error is not None else float('nan'):>+8.0%}")
+              f"{speed_error:>+8.0%}")
     if errors:
         worst = max(errors, key=abs)
         print(f"\n{len(errors)} configurations: median error {median(errors):+.1%}, "

@@ -94,9 +94,10 @@ def learning(work: Path, steps: int, seeds: int) -> None:
                              str(eval_file), "--steps", str(steps), "--batch-size", "8", "--lr", "1e-3",
                              "--seed", str(seed), "--eval-every", str(steps), *flags], run_dir)
             accuracy, _ = held_out_accuracy(smollm2_dir(), run_dir, held_out)
-            rows[name].append((accuracy, run["log"][-1]["eval_loss"]))
-            print(f"  seed {seed} {name}: exact match {accuracy:.1%}, "
-                  f"eval loss {rows[name][-1][1]:.4f}", flush=True)
+            eval_loss = run["log"][-1]["eval_loss"]
+            rows[name].append((accuracy, eval_loss))
+            print(f"  seed {seed} {name}: exact match {accuracy:.1%}, eval loss {eval_loss:.4f}",
+                  flush=True)
     print(f"\nlearning on the quick-start task ({steps} steps, {len(held_out)} held-out dates, "
           f"{seeds} seeds; median, then min-max)")
     medians = {}
@@ -104,7 +105,8 @@ def learning(work: Path, steps: int, seeds: int) -> None:
         accuracies, losses = [a for a, _ in runs], [v for _, v in runs]
         medians[name] = median(accuracies), median(losses)
         print(f"{name:<20} exact match {medians[name][0]:.1%} "
-              f"({min(accuracies):.0%}-{max(accuracies):.0%})  eval loss {medians[name][1]:.4f} ({min(losses):.4f}-{max(losses):.4f})")
+              f"({min(accuracies):.0%}-{max(accuracies):.0%})  "
+              f"eval loss {medians[name][1]:.4f} ({min(losses):.4f}-{max(losses):.4f})")
     (acc_a, loss_a), (acc_b, loss_b) = medians.values()
     print(f"QLoRA / LoRA (medians): accuracy {acc_b / acc_a:.3f}, eval loss {loss_b / loss_a:.3f}")
 

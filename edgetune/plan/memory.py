@@ -138,8 +138,9 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
     one saved input, and o_proj's input is the attention output itself. RMSNorm upcasts its input to
     fp32 and keeps it. A frozen bf16 linear layer keeps nothing, but bitsandbytes' 4/8-bit matmuls
     keep their input (in fp32, the same tensor as the adapter's). SDPA (flash kernel on the CPU)
-    keeps q, k, v, its output and a logsumexp, no seq x seq matrix. Checked against autograd's saved-tensor hooks: 40,470 bytes per token for a
-    SmolLM2 layer in fp32 (this model: 40,420), 37,377 in bf16 (this model: 37,348).
+    keeps q, k, v, its output and a logsumexp, no seq x seq matrix. Checked against autograd's
+    saved-tensor hooks: 40,470 bytes per token for a SmolLM2 layer in fp32 (this model: 40,420),
+    37,377 in bf16 (this model: 37,348).
     """
     c = compute_bytes(setting.dtype)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
