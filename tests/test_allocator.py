@@ -27,3 +27,20 @@ def test_blocks_freed_while_loading_go_back_to_the_os():
         del big
         returned = before - rss()
     assert returned > 100 * 2**20
+
+
+def test_lean_heap_returns_activation_sized_blocks_and_restores_the_default():
+    """With checkpointing, blocks of 1 MiB and more are unmapped when freed; afterwards they are not."""
+    from edgetune.train.memory import lean_heap
+
+    def returned_after_churn() -> int:
+        big, kept = _churn()
+        before = rss()
+        del big
+        return before - rss()
+
+    with lean_heap():
+        assert returned_after_churn() > 100 * 2**20
+    assert returned_after_churn() < 16 * 2**20  # 2 MiB blocks stay in the heap at the 32 MiB default
+    with lean_heap(enabled=False):
+        assert returned_after_churn() < 16 * 2**20

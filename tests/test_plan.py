@@ -95,14 +95,19 @@ def test_base_weights_by_format():
     assert 4.12 < 8 * double / N < 4.13
 
 
-def test_embeddings_stay_in_compute_dtype_and_tied_count_once():
+def test_embeddings_width_and_tied_count_once():
     untied = shape_from_config({**CATALOGUE["qwen2.5-0.5b"][1], "tie_word_embeddings": False})
-    tied_bytes = memory.unquantized_bytes(SHAPE, "bf16")
-    assert memory.unquantized_bytes(untied, "bf16") - tied_bytes == 2 * SHAPE.vocab * SHAPE.hidden
-    assert memory.unquantized_bytes(SHAPE, "fp32") == 2 * tied_bytes
-    # Quantizing the base leaves this term alone.
-    terms = breakdown(SHAPE, Setting(quant="nf4")).terms
-    assert terms["embeddings+norms"] == tied_bytes
+    bf16, fp32 = Setting(dtype="bf16"), Setting(dtype="fp32")
+    tied_bytes = memory.unquantized_bytes(SHAPE, bf16)
+    assert memory.unquantized_bytes(untied, bf16) - tied_bytes == 2 * SHAPE.vocab * SHAPE.hidden
+    assert memory.unquantized_bytes(SHAPE, fp32) == 2 * tied_bytes
+    # Quantizing the base leaves this term alone in bf16; in fp32 on the CPU the bf16 checkpoint's
+    # embeddings stay bf16 (widened where used), while the norms follow the compute dtype.
+    assert breakdown(SHAPE, Setting(quant="nf4")).terms["embeddings+norms"] == tied_bytes
+    nf4_fp32 = Setting(quant="nf4", dtype="fp32")
+    assert memory.unquantized_bytes(SHAPE, nf4_fp32) == tied_bytes + 2 * SHAPE.small_params
+    on_gpu = Setting(quant="nf4", dtype="fp32", device="cuda")
+    assert memory.unquantized_bytes(SHAPE, on_gpu) == 2 * tied_bytes
 
 
 def test_adapter_gradients_and_optimizer_state():
@@ -143,14 +148,21 @@ def test_loss_term_is_one_chunk_not_the_whole_batch():
     small = memory.loss_bytes(SHAPE, Setting(batch_size=1, seq_len=64, dtype="fp32"))
     big = memory.loss_bytes(SHAPE, Setting(batch_size=16, seq_len=1024, dtype="fp32"))
     chunk = memory.LOSS_CHUNK_ELEMENTS // SHAPE.vocab * SHAPE.vocab
-    assert small == 64 * SHAPE.vocab * 8 + 64 * SHAPE.hidden * 16
-    assert big - 16 * 1024 * SHAPE.hidden * 16 == chunk * 8
+    assert small == 64 * SHAPE.vocab * 4 + 64 * SHAPE.hidden * 16
+    assert big - 16 * 1024 * SHAPE.hidden * 16 == chunk * 4
+    # A narrow output layer: logits blocks of WIDEN_ELEMENTS / hidden vocabulary rows, not the whole row.
+    narrow = memory.loss_bytes(SHAPE, Setting(quant="nf4", batch_size=1, seq_len=64, dtype="fp32"))
+    rows = memory.WIDEN_ELEMENTS // SHAPE.hidden
+    assert narrow == 64 * SHAPE.hidden * 16 + memory.WIDEN_ELEMENTS * 4 + 64 * SHAPE.hidden * 4 + 64 * rows * 4
 
 
 def test_dequantized_buffer_only_when_quantized():
     assert memory.temporary_bytes(SHAPE, Setting(quant="none")) == 0
     largest = 896 * 4864
-    assert memory.temporary_bytes(SHAPE, Setting(quant="nf4", dtype="bf16")) == 2 * 2 * largest
+    # One shared buffer on the CPU (edgetune.train.fourbit); bitsandbytes' own copies elsewhere.
+    assert memory.temporary_bytes(SHAPE, Setting(quant="nf4", dtype="bf16")) == 2 * largest
+    on_gpu = Setting(quant="nf4", dtype="bf16", device="cuda")
+    assert memory.temporary_bytes(SHAPE, on_gpu) == memory.DEQUANT_COPIES * 2 * largest
 
 
 def test_runtime_margin_and_load_peak():
@@ -158,10 +170,17 @@ def test_runtime_margin_and_load_peak():
     assert b.terms["runtime"] == memory.RUNTIME_BYTES
     assert breakdown(SHAPE, Setting(quant="nf4")).terms["runtime"] > memory.RUNTIME_BYTES
     assert b.total == int(b.train_peak * (1 + memory.SAFETY_MARGIN))
-    # A bf16 checkpoint loaded as nf4: the mapped file sits beside the weights being quantized.
+    # A bf16 checkpoint loaded as nf4 is read a tensor at a time: the quantized weights and the
+    # linear weights in flight, not the whole file beside them.
     nf4 = breakdown(SHAPE, Setting(quant="nf4", dtype="bf16"))
-    assert nf4.load_peak > 2 * SHAPE.params
+    weights = nf4.terms["base weights"] + nf4.terms["embeddings+norms"]
+    largest = 896 * 4864 * 2
+    assert nf4.load_peak == nf4.terms["runtime"] + weights + memory.LOAD_IN_FLIGHT * largest
+    assert nf4.load_peak < nf4.terms["runtime"] + 2 * SHAPE.params  # less than the file alone
     assert nf4.peak == max(nf4.load_peak, nf4.train_peak)
+    # Used in place when nothing converts it: the mapped file is the weights.
+    in_place = breakdown(SHAPE, Setting(dtype="bf16"))
+    assert in_place.load_peak == in_place.terms["runtime"] + 2 * SHAPE.params
 
 
 def test_choose_prefers_precision_then_rank_then_speed():

@@ -107,3 +107,89 @@ def test_qlora_on_cuda_with_paged_optimizer(tiny_model, alpaca_file, tmp_path):
                                 output=str(tmp_path / "run"), steps=4, batch_size=4, seq_len=64,
                                 rank=8, quant="nf4", optim="paged_adamw8bit", progress=False))
     assert summary.steps == 4 and summary.history[-1]["loss"] < summary.history[0]["loss"]
+
+
+@pytest.fixture(scope="module")
+def bf16_tied_model(tiny_factory, tmp_path_factory):
+    """The tiny llama with tied embeddings, saved in bf16 as most checkpoints are."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_factory("llama", tie=True)
+    out = tmp_path_factory.mktemp("bf16") / "llama"
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
+def test_bf16_embeddings_stay_narrow_and_compute_in_fp32(bf16_tied_model, alpaca_file, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from edgetune.train import loss as loss_lib
+    from edgetune.train import model as model_lib
+    from edgetune.train.loss import reference_loss
+
+    monkeypatch.setattr(loss_lib, "WIDEN_ELEMENTS", 64 * 50)  # 50 of 300 vocab rows a block
+    monkeypatch.setattr(model_lib, "WIDEN_ROWS", 50)
+    model = add_lora(load_base(bf16_tied_model, torch.float32, "cpu", "nf4"), 8, 16, 0.0,
+                     "all-linear", 0, False)
+    causal_lm = model.get_base_model()
+    head = causal_lm.lm_head.weight
+    assert head.dtype == torch.bfloat16 and head is causal_lm.model.embed_tokens.weight
+    assert causal_lm.model.norm.weight.dtype == torch.float32
+    assert model.peft_config["default"].base_model_name_or_path == str(bf16_tied_model)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    tokenizer = AutoTokenizer.from_pretrained(bf16_tied_model)
+    fmt, records = read_jsonl(alpaca_file)
+    batch = Batches(encode(tokenizer, fmt, records), 8, 0, tokenizer.pad_token_id).next()
+
+    def loss_and_grads(loss_fn) -> list:
+        loss, _ = loss_fn(model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        return [loss.detach(), *grads]
+
+    narrow = loss_and_grads(causal_lm_loss)  # online softmax over 6 widened blocks
+    full_logits = loss_and_grads(reference_loss)  # the output layer widened block by block
+    head.data = head.data.float()  # the same values, stored wide: one block, nothing to widen
+    wide = loss_and_grads(causal_lm_loss)
+    for a, b, c in zip(narrow, full_logits, wide):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6)
+
+
+def test_quantized_load_never_maps_the_checkpoint(bf16_tied_model, monkeypatch):
+    """Mapped checkpoint pages count in the resident set: a base that is converted is read with pread."""
+    import transformers.modeling_utils as modeling_utils
+
+    opened = []
+    real = modeling_utils.safe_open
+
+    def recording(*args, **kwargs):
+        opened.append(kwargs.get("backend", "mmap"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "safe_open", recording)
+    load_base(bf16_tied_model, torch.float32, "cpu", "nf4")
+    assert opened == []
+    load_base(bf16_tied_model, torch.bfloat16, "cpu")  # already in the compute dtype: used in place
+    assert opened == ["mmap"]
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_workspace_matmul_matches_bitsandbytes(tiny_model, double_quant):
+    """Each 4-bit layer, dequantized into the shared buffer, computes what bnb's matmul does."""
+    base = load_base(tiny_model, torch.float32, "cpu", "nf4", double_quant)
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    torch.manual_seed(0)
+    for layer in layers * 2:  # the buffer is reused, and grows, across layers of each shape
+        x = torch.randn(5, layer.in_features, requires_grad=True)
+        out = layer(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        x_ref = x.detach().clone().requires_grad_()
+        ref = bnb.matmul_4bit(x_ref, layer.weight.t(), quant_state=layer.weight.quant_state)
+        (grad_ref,) = torch.autograd.grad(ref.square().sum(), x_ref)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-6)

@@ -28,6 +28,11 @@ NF4_DQ_BLOCK = 256  # double quantization: absmax values quantized to 8 bits in 
 OPTIM_8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizer state: one fp32 scale per 256 values
 # The trainer's loss: fp32 logits of at most 2**25 elements per chunk (edgetune.train.loss).
 LOSS_CHUNK_ELEMENTS = 2**25
+# Loading with conversion: linear weights in flight at once (read, widened, quantized), in units of
+# the largest one in the compute dtype (fitted on a Llama-3.2-1B shape loading to nf4).
+LOAD_IN_FLIGHT = 3
+# A narrow output layer is widened this many elements at a time by the loss (edgetune.train.loss).
+WIDEN_ELEMENTS = 2**23
 # Calibrated on measured runs (see the module docstring): gradient tensors of intermediate width in
 # flight during one layer's backward pass, and dequantized copies of the largest 4/8-bit weight.
 BACKWARD_I_COPIES = 4
@@ -109,9 +114,19 @@ def base_linear_bytes(shape: ModelShape, quant: str, dtype: str, double_quant: b
     return n // 2 + blocks + 8 * -(-blocks // NF4_DQ_BLOCK)
 
 
-def unquantized_bytes(shape: ModelShape, dtype: str) -> int:
-    """Embeddings, output layer (once when tied) and norms: always in the compute dtype."""
-    return (shape.embedding_params + shape.small_params) * compute_bytes(dtype)
+def embedding_bytes_per_param(shape: ModelShape, setting: Setting) -> int:
+    """The embeddings' stored width: the compute dtype, except beside a quantized base on the CPU,
+    where a narrower checkpoint dtype (bf16 beside fp32 compute) is kept and widened where used."""
+    wide = compute_bytes(setting.dtype)
+    if setting.quant == "none" or setting.device != "cpu":
+        return wide
+    return min(wide, DTYPE_BYTES.get(shape.file_dtype, wide))
+
+
+def unquantized_bytes(shape: ModelShape, setting: Setting) -> int:
+    """Embeddings and output layer (once when tied) at their stored width; norms in the compute dtype."""
+    return (shape.embedding_params * embedding_bytes_per_param(shape, setting)
+            + shape.small_params * compute_bytes(setting.dtype))
 
 
 def adapter_bytes(shape: ModelShape, rank: int) -> int:
@@ -187,40 +202,55 @@ def backward_work_bytes(shape: ModelShape, setting: Setting) -> int:
 
 
 def loss_bytes(shape: ModelShape, setting: Setting) -> int:
-    """The chunked loss: hidden states of the label tokens, their gradient, and one logits chunk.
+    """The chunked loss: hidden states of the label tokens, their gradient, and one logits block.
 
     The trainer keeps the final hidden states, a copy of those at label positions and a gradient of
-    the same size; each chunk of at most 2**25 logits lives as the matmul output in the compute dtype
-    plus its fp32 copy (turned into probabilities in place), and the probabilities cast back.
+    the same size; each block of at most 2**25 logits lives in fp32 (turned into probabilities in
+    place), in bf16 beside the matmul's own output. A narrow output layer is widened
+    WIDEN_ELEMENTS at a time, with an fp32 accumulator per chunk of tokens (edgetune.train.loss).
     """
     c = compute_bytes(setting.dtype)
     tokens = setting.tokens
-    chunk = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // shape.vocab))
     hidden = tokens * shape.hidden * (4 + 3 * c)  # final norm's fp32 input, output, selection, grad
-    # fp32 logits plus logsumexp's temporary of the same size; in bf16 also the matmul's output.
-    return hidden + chunk * shape.vocab * (8 + (2 if c == 2 else 0))
+    columns = shape.vocab
+    if embedding_bytes_per_param(shape, setting) < c:
+        columns = max(1, min(shape.vocab, WIDEN_ELEMENTS // shape.hidden))
+        hidden += WIDEN_ELEMENTS * c + min(tokens, LOSS_CHUNK_ELEMENTS // columns) * shape.hidden * c
+    chunk = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // columns))
+    return hidden + chunk * columns * (4 + (2 if c == 2 else 0))
 
 
 def temporary_bytes(shape: ModelShape, setting: Setting) -> int:
-    """Dequantized weights during a 4/8-bit matmul: the largest linear layer in the compute dtype."""
+    """Dequantized weights during a 4/8-bit matmul: the largest linear layer in the compute dtype.
+
+    On the CPU, 4-bit layers dequantize into one buffer they share (edgetune.train.fourbit);
+    elsewhere bitsandbytes makes new copies.
+    """
     if setting.quant == "none":
         return 0
     largest = max(a * b for a, b in shape.linears())
-    return DEQUANT_COPIES * largest * compute_bytes(setting.dtype)
+    copies = 1 if setting.quant == "nf4" and setting.device == "cpu" else DEQUANT_COPIES
+    return copies * largest * compute_bytes(setting.dtype)
 
 
 def load_peak_bytes(shape: ModelShape, setting: Setting, runtime: int, weights: int) -> int:
-    """Peak while loading: the memory-mapped checkpoint's pages beside the weights built from it.
+    """Peak while loading: the weights, and the tensors being converted.
 
-    A checkpoint stored in the compute dtype is used in place (its mapped pages are the weights);
-    any conversion (fp32 file to bf16, or quantization) reads every page while the converted
-    weights accumulate.
+    A checkpoint stored in the compute dtype is used in place (its memory-mapped pages are the
+    weights). Any conversion (widening, or quantization) reads the file with pread, one tensor at a
+    time (edgetune.train.model), so only the tensors in flight add to the weights built so far.
     """
-    file_bytes = shape.params * DTYPE_BYTES.get(shape.file_dtype, 2)
-    in_place = setting.quant == "none" and DTYPE_BYTES.get(shape.file_dtype) == compute_bytes(setting.dtype)
     if setting.device != "cpu":
-        return 0  # the mapped file is host memory; VRAM only holds the converted weights
-    return runtime + (weights if in_place else file_bytes + weights)
+        return 0  # the file is read through host memory; VRAM only holds the converted weights
+    in_place = setting.quant == "none" and DTYPE_BYTES.get(shape.file_dtype) == compute_bytes(setting.dtype)
+    if in_place:
+        return runtime + weights
+    file_bytes = DTYPE_BYTES.get(shape.file_dtype, 2)
+    linears = LOAD_IN_FLIGHT * max(a * b for a, b in shape.linears()) * compute_bytes(setting.dtype)
+    # A widened embedding is read whole, then converted into the weight already counted.
+    widened = embedding_bytes_per_param(shape, setting) != file_bytes
+    embedding = shape.vocab * shape.hidden * file_bytes if widened else 0
+    return runtime + weights + max(linears, embedding)
 
 
 def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
@@ -230,7 +260,7 @@ def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
     if setting.device != "cpu":
         runtime = CUDA_CONTEXT_BYTES
     base = base_linear_bytes(shape, setting.quant, setting.dtype, setting.double_quant)
-    kept = unquantized_bytes(shape, setting.dtype)
+    kept = unquantized_bytes(shape, setting)
     adapter = adapter_bytes(shape, setting.rank)
     terms = {
         "runtime": runtime,

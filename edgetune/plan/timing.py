@@ -19,6 +19,9 @@ from edgetune.plan.shape import ModelShape
 # GFLOP/s): unquantized runs reached 0.58-1.04 of it (the smallest batches lowest), nf4 runs
 # 0.48-0.86 (bitsandbytes' CPU path dequantizes each weight on every call), the int8 run 0.68.
 EFFICIENCY = {"none": 0.85, "int8": 0.7, "nf4": 0.75}
+# With checkpointing the trainer maps every block of 1 MiB or more afresh (edgetune.train.memory.
+# lean_heap): 0.60-0.78 of the speed with the default heap on SmolLM2 and a Llama-3.2-1B shape.
+LEAN_HEAP_EFFICIENCY = 0.7
 # Used when the machine was never calibrated: a guess for an idle 2-core laptop, said as such.
 DEFAULT_GFLOPS = {"bf16": 20.0, "fp32": 20.0}
 _BENCH = """
@@ -93,7 +96,8 @@ def calibrate() -> dict:
 def tokens_per_second(shape: ModelShape, setting: Setting, gflops: dict | None) -> float:
     """Estimated training speed in tokens/s from FLOPs per token and the machine's matmul speed."""
     speed = (gflops or DEFAULT_GFLOPS)[setting.dtype if compute_bytes(setting.dtype) == 2 else "fp32"]
-    return EFFICIENCY[setting.quant] * speed * 1e9 / flops_per_token(shape, setting)
+    efficiency = EFFICIENCY[setting.quant] * (LEAN_HEAP_EFFICIENCY if setting.grad_checkpointing else 1)
+    return efficiency * speed * 1e9 / flops_per_token(shape, setting)
 
 
 def eta_seconds(tokens: int, tokens_per_s: float) -> float:

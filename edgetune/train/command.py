@@ -39,7 +39,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
 
     from edgetune.train import model as model_lib
     from edgetune.train.loop import Loop
-    from edgetune.train.memory import MemoryGuard
+    from edgetune.train.memory import MemoryGuard, lean_heap
     from edgetune.train.optim import cosine_schedule, make_optimizer
 
     run_dir = Path(config.output)
@@ -77,7 +77,8 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
 
         loop.restore(completed(run_dir)[-1])
         print(f"edgetune: resuming {run_dir} at step {loop.step} of {total}")
-    summary = loop.run(on_step)
+    with lean_heap(config.grad_checkpointing):  # the memory-first setting: see lean_heap
+        summary = loop.run(on_step)
     if summary.stopped_for_memory:
         print(f"edgetune: stopped at step {summary.steps} to stay inside --ram {config.ram}: "
               f"{guard.message}; checkpoint written. {_suggestion(config, model_dir, dtype)}")

@@ -4,6 +4,11 @@ Only positions whose next token carries a label go through the output layer, and
 the forward pass of each chunk also computes the gradient with respect to its hidden states, so the
 backward pass needs neither the logits nor a second matmul. The output layer is frozen (LoRA adapts
 the decoder), so no weight gradient is needed.
+
+An output layer stored narrower than the hidden states (bf16 beside fp32 compute, see
+edgetune.train.model.narrow_embeddings) is widened a block of vocabulary rows at a time, with the
+softmax accumulated online across blocks (a running maximum and sum per token, as flash attention
+does over keys), so neither the wide weight nor a token's full row of logits exists at once.
 """
 
 from typing import Any
@@ -14,11 +19,19 @@ import torch.nn.functional as F
 IGNORE = -100
 # fp32 logits elements per chunk: 2**25 is 128 MiB, small beside the model, large enough to be fast.
 CHUNK_ELEMENTS = 2**25
+# Elements of a narrow output layer widened at a time: 2**23 is 32 MiB of fp32.
+WIDEN_ELEMENTS = 2**23
 
 
-def chunk_tokens(vocab_size: int) -> int:
-    """Tokens per chunk for a vocabulary: ~680 for 49k tokens, ~220 for 151k."""
-    return max(16, CHUNK_ELEMENTS // vocab_size)
+def block_rows(weight: torch.Tensor, dtype: torch.dtype) -> int:
+    """Vocabulary rows per block: all of them when the weight is already in the compute dtype."""
+    vocab, hidden = weight.shape
+    return vocab if weight.dtype == dtype else max(1, min(vocab, WIDEN_ELEMENTS // hidden))
+
+
+def chunk_tokens(columns: int) -> int:
+    """Tokens per chunk for logits blocks `columns` wide: ~680 for 49k, ~220 for 151k."""
+    return max(16, CHUNK_ELEMENTS // columns)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -26,20 +39,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                rows: int) -> torch.Tensor:
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            t = targets[start:start + chunk]
-            logits = (h @ weight.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax in place of the logits
-                probs[torch.arange(len(t), device=t.device), t] -= 1
-                grad[start:start + chunk] = probs.to(weight.dtype) @ weight
+        for start in range(0, hidden.shape[0], chunk_tokens(rows)):
+            h = hidden[start:start + chunk_tokens(rows)]
+            t = targets[start:start + len(h)]
+            lse, target_logit, softmax_w = _online_softmax(h, weight, t, rows, want_grad)
+            total += (lse - target_logit).sum()
+            if want_grad:  # softmax minus the one-hot target, times the weight
+                grad[start:start + len(h)] = softmax_w - weight[t].to(h.dtype)
         ctx.save_for_backward(grad)
         return total
 
@@ -47,6 +57,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         (grad,) = ctx.saved_tensors
         return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def _online_softmax(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, rows: int,
+                    want_grad: bool) -> tuple:
+    """(logsumexp, target logit, softmax @ weight) of logits h @ weight.T, `rows` vocab rows at a time."""
+    n = len(h)
+    running_max = torch.full((n,), -torch.inf, dtype=torch.float32, device=h.device)
+    running_sum = torch.zeros(n, dtype=torch.float32, device=h.device)
+    target_logit = torch.empty(n, dtype=torch.float32, device=h.device)
+    acc = torch.zeros_like(h) if want_grad else None
+    index = torch.arange(n, device=h.device)
+    for first in range(0, weight.shape[0], rows):
+        w = weight[first:first + rows].to(h.dtype)  # a view when already in the compute dtype
+        logits = (h @ w.T).float()
+        inside = (t >= first) & (t < first + len(w))
+        target_logit[inside] = logits[index[inside], t[inside] - first]
+        new_max = torch.maximum(running_max, logits.amax(dim=1))
+        rescale = (running_max - new_max).exp_()
+        probs = logits.sub_(new_max[:, None]).exp_()  # unnormalised, in place of the logits
+        running_sum = running_sum * rescale + probs.sum(dim=1)
+        if want_grad:
+            acc.mul_(rescale[:, None].to(acc.dtype)).addmm_(probs.to(w.dtype), w)
+        running_max = new_max
+    lse = running_max + running_sum.log()
+    softmax_w = acc.div_(running_sum[:, None].to(acc.dtype)) if want_grad else None
+    return lse, target_logit, softmax_w
 
 
 def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
@@ -61,7 +97,7 @@ def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("output layers with a bias are not supported")
     loss = _LinearCrossEntropy.apply(selected, head.weight, wanted,
-                                     chunk_tokens(head.weight.shape[0]))
+                                     block_rows(head.weight, selected.dtype))
     return loss, int(wanted.numel())
 
 

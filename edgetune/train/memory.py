@@ -14,6 +14,7 @@ from typing import Any
 M_MMAP_THRESHOLD = -3
 LOAD_MMAP_THRESHOLD = 128 * 1024
 TRAIN_MMAP_THRESHOLD = 32 * 2**20
+LEAN_MMAP_THRESHOLD = 2**20
 
 
 def _glibc() -> Any:
@@ -51,6 +52,33 @@ def released_promptly():
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, TRAIN_MMAP_THRESHOLD)
         libc.malloc_trim(0)
+
+
+@contextmanager
+def lean_heap(enabled: bool = True):
+    """Map every block of 1 MiB or more on its own while training, so that freeing it unmaps it.
+
+    With gradient checkpointing (the memory-first setting) the heap, not the saved activations, was
+    most of a step's growth: freed activation-sized blocks stay in it between small live ones and
+    later, larger requests extend it. On a Llama-3.2-1B shape (nf4, 1 x 256 tokens) the heap held
+    709 MB free against 244 MB in use after a forward pass. Measured with checkpointing, default
+    threshold against this one (peak RSS, seconds per step):
+    - Llama-3.2-1B shape, nf4 + adamw8bit, 1 x 256: 2.49 -> 1.75 GiB, 20 -> 25 s;
+    - SmolLM2-135M, LoRA + adamw, 4 x 256: 2.18 -> 1.35 GiB, 13.2 -> 18.7 s;
+    - SmolLM2-135M, nf4 + adamw8bit, 4 x 256: 1.95 -> 0.98 GiB, 13.9 -> 23.0 s.
+    Every large block then costs fresh pages (transparent huge pages did not change that), so
+    training without checkpointing keeps the fast 32 MiB threshold.
+    """
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD)
+    libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, TRAIN_MMAP_THRESHOLD)
 
 
 def _status_kb(key: str) -> int | None:

@@ -59,18 +59,24 @@ def quantization_config(quant: str, double_quant: bool, dtype: Any) -> Any:
 
 def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
               double_quant: bool = True) -> Any:
-    """The frozen base model, in the compute dtype or with 4/8-bit linear weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The frozen base model, in the compute dtype or with 4/8-bit linear weights.
+
+    With a quantized base, the embeddings stay in the checkpoint's dtype when it is narrower than the
+    compute dtype (bf16 beside fp32 compute) and are widened where used (see `narrow_embeddings`).
+    """
+    import torch
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
+    file_dtype = getattr(config, "dtype", None) or dtype
     # A quantized base is read in the file's own dtype: converting a bf16 file to fp32 first left
     # ~1.4 GB of converted copies in the heap on a Qwen2.5-0.5B shape.
-    load_dtype = (getattr(config, "dtype", None) or dtype) if quant == "nf4" else dtype
+    load_dtype = file_dtype if quant == "nf4" else dtype
     with released_promptly():
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=load_dtype, attn_implementation="sdpa", device_map=device,
-                quantization_config=quantization_config(quant, double_quant, dtype))
+            model = _from_pretrained(model_dir, config, load_dtype, device,
+                                     quantization_config(quant, double_quant, dtype),
+                                     in_place=quant == "none" and file_dtype == dtype)
         except ValueError as exc:
             if "Unrecognized configuration" in str(exc) or "does not recognize" in str(exc):
                 raise EdgetuneError(f"model {model_dir}: architecture {config.model_type!r} "
@@ -81,28 +87,117 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
             param.requires_grad_(False)
         if quant == "nf4":
             keep_4bit_layout_trainable(model)
+            if device == "cpu":
+                from edgetune.train.fourbit import use_workspace
+
+                use_workspace(model)
         if quant != "none":
-            detach_from_weight_file(model, dtype)
+            narrow = _itemsize(file_dtype) < _itemsize(dtype) and device == "cpu"
+            if narrow:
+                narrow_embeddings(model, dtype)
+            to_compute_dtype(model, dtype, keep_embeddings=narrow)
     return model
 
 
-def detach_from_weight_file(model: Any, dtype: Any) -> None:
-    """Copy the unquantized tensors (embeddings, norms, output layer) out of the weight file's mapping,
-    in the compute dtype.
+def _itemsize(dtype: Any) -> int:
+    import torch
 
-    They are views of the memory-mapped safetensors file, which keeps every page that quantization
-    read resident: +0.4 GB of RSS on SmolLM2-135M until the last view is gone.
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _from_pretrained(model_dir: Path, config: Any, dtype: Any, device: str, quantization: Any,
+                     in_place: bool) -> Any:
+    """transformers' loader, reading the checkpoint with pread unless its tensors are used as they are.
+
+    transformers memory-maps safetensors files, and every mapped page it reads stays in the resident
+    set until the file is closed. When the weights are converted (quantized, or widened to the compute
+    dtype) that doubled the loading peak: a Llama-3.2-1B shape loading to nf4 peaked at 4.14 GiB, of
+    which 2.3 GiB were the bf16 file's pages. Read with pread, each tensor is a temporary freed once
+    converted (peak 1.45 GiB). A checkpoint already in the compute dtype and not quantized keeps the
+    mapping: its pages are the weights, with no copy.
     """
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    kwargs = {"dtype": dtype, "attn_implementation": "sdpa", "device_map": device,
+              "quantization_config": quantization}
+    files = _safetensors_files(model_dir)
+    if in_place or not files:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    from safetensors import safe_open
+
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ValueError(f"Unrecognized configuration class {type(config).__name__}") from None
+    readers = [safe_open(str(f), framework="pt", device="cpu", backend="pread") for f in files]
+    # Slices are read only when transformers loads each weight.
+    state_dict = {name: reader.get_slice(name) for reader in readers for name in reader.keys()}
+    model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+    # What from_pretrained(model_dir) records, and PEFT writes as the adapter's base.
+    model.name_or_path = model.config.name_or_path = str(model_dir)
+    return model
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files, or [] for other formats (left to transformers)."""
+    from edgetune.export.merge import weight_files
+
+    try:
+        return weight_files(model_dir)
+    except EdgetuneError:
+        return []
+
+
+def to_compute_dtype(model: Any, dtype: Any, keep_embeddings: bool = False) -> None:
+    """Bring the tensors left unquantized (norms, and embeddings unless kept narrow) to the compute
+    dtype; tied tensors are converted once."""
     import bitsandbytes as bnb
 
     quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
+    kept = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+            if m is not None} if keep_embeddings else set()
+    done = set()
     for module in model.modules():
         tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         for _, tensor in tensors:
-            if isinstance(tensor, quantized):
+            if isinstance(tensor, quantized) or id(tensor) in kept or id(tensor) in done:
                 continue
-            target = dtype if tensor.is_floating_point() else tensor.dtype
-            tensor.data = tensor.data.to(target, copy=True)
+            done.add(id(tensor))
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
+
+
+# Rows of a narrow output layer widened at a time when it is used as a plain layer.
+WIDEN_ROWS = 4096
+
+
+def narrow_embeddings(model: Any, dtype: Any) -> None:
+    """Keep the input and output embeddings in their stored dtype and compute with them in `dtype`.
+
+    On a small model with a large vocabulary these are the biggest unquantized tensors: 1.0 GB of
+    fp32 on a Llama-3.2-1B shape against 0.5 GB of bf16. Widening bf16 to fp32 is exact, so results
+    are those of fp32 embeddings. The input embedding's output is widened; the output layer is
+    widened a block of rows at a time, by the trainer's loss (edgetune.train.loss) and here when
+    called as a layer (generation, full logits).
+    """
+    import torch.nn.functional as F
+
+    model.get_input_embeddings().register_forward_hook(lambda _m, _args, out: out.to(dtype))
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+
+    def widened_forward(x: Any) -> Any:
+        import torch
+
+        weight = head.weight
+        blocks = [F.linear(x, weight[start:start + WIDEN_ROWS].to(x.dtype))
+                  for start in range(0, weight.shape[0], WIDEN_ROWS)]
+        out = torch.cat(blocks, dim=-1)
+        return out if head.bias is None else out + head.bias.to(out.dtype)
+
+    head.forward = widened_forward
 
 
 def keep_4bit_layout_trainable(model: Any) -> None:
