@@ -39,8 +39,11 @@ BACKWARD_I_COPIES = 4
 DEQUANT_COPIES = 2
 # Measured peak over saved activation bytes without checkpointing (fitted, see activation_bytes).
 HEAP_FACTOR = 1.9
-# With checkpointing, share of a layer's saved bytes still resident per layer at the peak (fitted).
-CKPT_RESIDUE = 0.65
+# With checkpointing, share of a layer's saved bytes still resident per layer at the peak (fitted),
+# when its hidden-size activations are smaller than the trainer's lean-heap threshold and so stay in
+# glibc's heap; from that size up they are unmapped when freed and nothing stays behind.
+CKPT_RESIDUE = 0.55
+LEAN_MMAP_THRESHOLD = 2**20  # edgetune.train.memory.LEAN_MMAP_THRESHOLD
 # A CUDA context and its kernels take VRAM outside torch's allocator (not measured on this machine).
 CUDA_CONTEXT_BYTES = 500 * MiB
 COMPUTE_DTYPES = ("bf16", "fp32")
@@ -185,12 +188,15 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> int:
     layer) each keeps its input and one layer at a time is recomputed. Measured peaks are higher
     than the saved bytes, by factors fitted on SmolLM2-135M runs: glibc keeps freed blocks of one
     step's temporaries in the heap between the saved tensors, and the next steps reuse them only in
-    part (the peak grows from step 1 to step 2 by ~9%).
+    part (the peak grows from step 1 to step 2 by ~9%). With checkpointing the trainer unmaps
+    blocks of 1 MiB and more when freed, so only activations smaller than that leave a residue.
     """
     per_layer = sum(layer_activation_bytes(shape, setting).values())
     c = compute_bytes(setting.dtype)
     if setting.grad_checkpointing:
-        kept = shape.layers * (c * shape.hidden + CKPT_RESIDUE * per_layer) + per_layer
+        in_heap = setting.tokens * shape.hidden * 4 < LEAN_MMAP_THRESHOLD
+        residue = CKPT_RESIDUE if in_heap else 0.0
+        kept = shape.layers * (c * shape.hidden + residue * per_layer) + per_layer
         return int(setting.tokens * kept)
     return int(setting.tokens * shape.layers * per_layer * HEAP_FACTOR)
 
