@@ -48,7 +48,7 @@ def test_plan_json(capsys):
 
 
 def test_catalogue_table(capsys):
-    code, out, _ = run(capsys, "--ram", "8gb", "--dtype", "bf16")
+    code, out, _ = run(capsys, "--ram", "6gb", "--dtype", "bf16")
     assert code == 0
     for name in ("smollm2-135m", "qwen2.5-7b", "llama-3.2-1b", "gemma-2-2b", "mistral-7b"):
         assert name in out
