@@ -37,7 +37,8 @@ class TrainConfig:
                         choices=("none", "int8", "nf4"))
     double_quant: bool = option(True, "nf4 only: quantize the block scales too")
     optim: str = option("adamw", "optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
-    grad_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory")
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass, and "
+                                            "unmap freed blocks of 1 MiB or more: less memory, slower")
     device: str = option("auto", "auto: CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
     threads: int | None = option(None, "CPU threads for torch (default: all cores)")
     seed: int = option(0, "seed for LoRA init, data order and the split")
