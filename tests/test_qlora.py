@@ -125,11 +125,9 @@ def test_bf16_embeddings_stay_narrow_and_compute_in_fp32(bf16_tied_model, alpaca
     from transformers import AutoTokenizer
 
     from edgetune.train import loss as loss_lib
-    from edgetune.train import model as model_lib
     from edgetune.train.loss import reference_loss
 
     monkeypatch.setattr(loss_lib, "WIDEN_ELEMENTS", 64 * 50)  # 50 of 300 vocab rows a block
-    monkeypatch.setattr(model_lib, "WIDEN_ROWS", 50)
     model = add_lora(load_base(bf16_tied_model, torch.float32, "cpu", "nf4"), 8, 16, 0.0,
                      "all-linear", 0, False)
     causal_lm = model.get_base_model()

@@ -43,8 +43,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_tokens(rows)):
-            h = hidden[start:start + chunk_tokens(rows)]
+        chunk = chunk_tokens(rows)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
             t = targets[start:start + len(h)]
             lse, target_logit, softmax_w = _online_softmax(h, weight, t, rows, want_grad)
             total += (lse - target_logit).sum()

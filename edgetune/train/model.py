@@ -64,7 +64,6 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
     With a quantized base, the embeddings stay in the checkpoint's dtype when it is narrower than the
     compute dtype (bf16 beside fp32 compute) and are widened where used (see `narrow_embeddings`).
     """
-    import torch
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -92,17 +91,11 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
 
                 use_workspace(model)
         if quant != "none":
-            narrow = _itemsize(file_dtype) < _itemsize(dtype) and device == "cpu"
+            narrow = file_dtype.itemsize < dtype.itemsize and device == "cpu"
             if narrow:
                 narrow_embeddings(model, dtype)
             to_compute_dtype(model, dtype, keep_embeddings=narrow)
     return model
-
-
-def _itemsize(dtype: Any) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _from_pretrained(model_dir: Path, config: Any, dtype: Any, device: str, quantization: Any,
@@ -168,20 +161,18 @@ def to_compute_dtype(model: Any, dtype: Any, keep_embeddings: bool = False) -> N
                 tensor.data = tensor.data.to(dtype)
 
 
-# Rows of a narrow output layer widened at a time when it is used as a plain layer.
-WIDEN_ROWS = 4096
-
-
 def narrow_embeddings(model: Any, dtype: Any) -> None:
     """Keep the input and output embeddings in their stored dtype and compute with them in `dtype`.
 
     On a small model with a large vocabulary these are the biggest unquantized tensors: 1.0 GB of
     fp32 on a Llama-3.2-1B shape against 0.5 GB of bf16. Widening bf16 to fp32 is exact, so results
     are those of fp32 embeddings. The input embedding's output is widened; the output layer is
-    widened a block of rows at a time, by the trainer's loss (edgetune.train.loss) and here when
-    called as a layer (generation, full logits).
+    widened a block of rows at a time (`edgetune.train.loss.block_rows`), by the trainer's loss and
+    here when called as a layer (generation, full logits).
     """
     import torch.nn.functional as F
+
+    from edgetune.train.loss import block_rows
 
     model.get_input_embeddings().register_forward_hook(lambda _m, _args, out: out.to(dtype))
     head = model.get_output_embeddings()
@@ -191,9 +182,9 @@ def narrow_embeddings(model: Any, dtype: Any) -> None:
     def widened_forward(x: Any) -> Any:
         import torch
 
-        weight = head.weight
-        blocks = [F.linear(x, weight[start:start + WIDEN_ROWS].to(x.dtype))
-                  for start in range(0, weight.shape[0], WIDEN_ROWS)]
+        weight, rows = head.weight, block_rows(head.weight, x.dtype)
+        blocks = [F.linear(x, weight[start:start + rows].to(x.dtype))
+                  for start in range(0, weight.shape[0], rows)]
         out = torch.cat(blocks, dim=-1)
         return out if head.bias is None else out + head.bias.to(out.dtype)
 
