@@ -73,19 +73,51 @@ def print_table(title: str, results: dict, model: Path, batch: int, seq_len: int
               f"nf4 + adamw8bit + ckpt measured / bf16 LoRA predicted = {smallest / bf16:.2f}")
 
 
+def shipped_eval_loss(run_dir: Path, eval_file: Path) -> float:
+    """Mean token loss on `eval_file` of the model export writes: the full-precision base + adapter.
+
+    For LoRA this is the model as trained. For QLoRA the adapter trained beside the 4-bit base is
+    applied to the original weights, as `edgetune export` merges it.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from edgetune.train.data import collate, encode, read_jsonl
+    from edgetune.train.loss import causal_lm_loss
+    from edgetune.train.model import load_base
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    model = PeftModel.from_pretrained(load_base(smollm2_dir(), torch.float32, "cpu"), run_dir).eval()
+    fmt, records = read_jsonl(eval_file)
+    examples = encode(tokenizer, fmt, records)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), 8):
+            batch = collate(examples[start:start + 8], tokenizer.pad_token_id)
+            loss_sum, n = causal_lm_loss(model, batch)
+            total, count = total + loss_sum.item(), count + n
+    return total / count
+
+
 def learning(work: Path, steps: int, seeds: int) -> None:
     """Quick-start task: held-out exact match and eval loss, LoRA vs QLoRA after the same steps.
 
+    QLoRA runs twice, with fp32 and with 8-bit optimizer states, to tell the 4-bit base's share of
+    a difference from the optimizer's.
+
     Each side trains once per seed (the seed sets the adapter's initialisation and the data order);
     medians are compared, because at this loss (~0.01) one run's eval loss moves by tens of percent
-    with the seed alone.
+    with the seed alone. Two eval losses: the trainer's (for QLoRA, the 4-bit base + adapter it
+    trained) and the shipped model's (full-precision base + adapter, what export merges); exact
+    match is the shipped model's.
     """
     from edgetune.examples import dates
     from edgetune.quickstart import held_out_accuracy
 
     train_file, eval_file = dates.write(work / "dates")
     held_out = [json.loads(line) for line in eval_file.read_text().splitlines()]
-    sides = {"lora + adamw": CONFIGS["lora + adamw"], "nf4 + adamw8bit": CONFIGS["nf4 + adamw8bit"]}
+    sides = {name: CONFIGS[name] for name in ("lora + adamw", "nf4 + adamw", "nf4 + adamw8bit")}
     rows: dict = {name: [] for name in sides}
     for seed in range(seeds):
         for name, flags in sides.items():  # interleaved, so both sides see the same machine
@@ -94,21 +126,25 @@ def learning(work: Path, steps: int, seeds: int) -> None:
                              str(eval_file), "--steps", str(steps), "--batch-size", "8", "--lr", "1e-3",
                              "--seed", str(seed), "--eval-every", str(steps), *flags], run_dir)
             accuracy, _ = held_out_accuracy(smollm2_dir(), run_dir, held_out)
-            eval_loss = run["log"][-1]["eval_loss"]
-            rows[name].append((accuracy, eval_loss))
-            print(f"  seed {seed} {name}: exact match {accuracy:.1%}, eval loss {eval_loss:.4f}",
-                  flush=True)
+            trained, shipped = run["log"][-1]["eval_loss"], shipped_eval_loss(run_dir, eval_file)
+            rows[name].append((accuracy, trained, shipped))
+            print(f"  seed {seed} {name}: exact match {accuracy:.1%}, eval loss {trained:.4f} "
+                  f"as trained, {shipped:.4f} shipped", flush=True)
     print(f"\nlearning on the quick-start task ({steps} steps, {len(held_out)} held-out dates, "
           f"{seeds} seeds; median, then min-max)")
     medians = {}
     for name, runs in rows.items():
-        accuracies, losses = [a for a, _ in runs], [v for _, v in runs]
-        medians[name] = median(accuracies), median(losses)
+        columns = list(zip(*runs))
+        medians[name] = [median(c) for c in columns]
+        spreads = [f"{min(c):.4f}-{max(c):.4f}" for c in columns[1:]]
         print(f"{name:<20} exact match {medians[name][0]:.1%} "
-              f"({min(accuracies):.0%}-{max(accuracies):.0%})  "
-              f"eval loss {medians[name][1]:.4f} ({min(losses):.4f}-{max(losses):.4f})")
-    (acc_a, loss_a), (acc_b, loss_b) = medians.values()
-    print(f"QLoRA / LoRA (medians): accuracy {acc_b / acc_a:.3f}, eval loss {loss_b / loss_a:.3f}")
+              f"({min(columns[0]):.0%}-{max(columns[0]):.0%})  eval loss as trained "
+              f"{medians[name][1]:.4f} ({spreads[0]}), shipped {medians[name][2]:.4f} ({spreads[1]})")
+    lora = medians["lora + adamw"]
+    for name in list(sides)[1:]:
+        other = medians[name]
+        print(f"{name} / LoRA (medians): accuracy {other[0] / lora[0]:.3f}, eval loss as trained "
+              f"{other[1] / lora[1]:.3f}, shipped {other[2] / lora[2]:.3f}")
 
 
 def main() -> None:

@@ -147,13 +147,16 @@ def test_layer_activations_match_autograd_saved_tensors():
 def test_loss_term_is_one_chunk_not_the_whole_batch():
     small = memory.loss_bytes(SHAPE, Setting(batch_size=1, seq_len=64, dtype="fp32"))
     big = memory.loss_bytes(SHAPE, Setting(batch_size=16, seq_len=1024, dtype="fp32"))
-    chunk = memory.LOSS_CHUNK_ELEMENTS // SHAPE.vocab * SHAPE.vocab
-    assert small == 64 * SHAPE.vocab * 4 + 64 * SHAPE.hidden * 16
-    assert big - 16 * 1024 * SHAPE.hidden * 16 == chunk * 4
-    # A narrow output layer: logits blocks of WIDEN_ELEMENTS / hidden vocabulary rows, not the whole row.
+    from edgetune.train import loss
+
+    assert (memory.LOSS_BLOCK_ROWS, memory.LOSS_LOGITS_ELEMENTS) == (loss.BLOCK_ROWS, loss.LOGITS_ELEMENTS)
+    assert memory.WIDEN_ELEMENTS == loss.WIDEN_ELEMENTS
+    rows = memory.LOSS_BLOCK_ROWS
+    assert small == 64 * SHAPE.hidden * 16 + 64 * SHAPE.hidden * 4 + 64 * rows * 4
+    assert big - 16 * 1024 * SHAPE.hidden * 16 == memory.LOSS_LOGITS_ELEMENTS * 4 + 1024 * SHAPE.hidden * 4
+    # A narrow output layer adds one widened block of rows.
     narrow = memory.loss_bytes(SHAPE, Setting(quant="nf4", batch_size=1, seq_len=64, dtype="fp32"))
-    rows = memory.WIDEN_ELEMENTS // SHAPE.hidden
-    assert narrow == 64 * SHAPE.hidden * 16 + memory.WIDEN_ELEMENTS * 4 + 64 * SHAPE.hidden * 4 + 64 * rows * 4
+    assert narrow == small + rows * SHAPE.hidden * 4
 
 
 def test_dequantized_buffer_only_when_quantized():

@@ -155,7 +155,8 @@ def test_bf16_embeddings_stay_narrow_and_compute_in_fp32(bf16_tied_model, alpaca
     wide = loss_and_grads(causal_lm_loss)
     for a, b, c in zip(narrow, full_logits, wide):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6)
+        # F.cross_entropy's backward sums in another order: gradients of ~1e-3 differ by ~1e-6.
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=2e-6)
 
 
 def test_quantized_load_never_maps_the_checkpoint(bf16_tied_model, monkeypatch):

@@ -26,8 +26,9 @@ SAFETY_MARGIN = 0.10
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_DQ_BLOCK = 256  # double quantization: absmax values quantized to 8 bits in blocks of 256
 OPTIM_8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizer state: one fp32 scale per 256 values
-# The trainer's loss: fp32 logits of at most 2**25 elements per chunk (edgetune.train.loss).
-LOSS_CHUNK_ELEMENTS = 2**25
+# The trainer's loss (edgetune.train.loss): blocks of 4096 vocabulary rows, 2**22 fp32 logits each.
+LOSS_BLOCK_ROWS = 4096
+LOSS_LOGITS_ELEMENTS = 2**22
 # Loading with conversion: linear weights in flight at once (read, widened, quantized), in units of
 # the largest one in the compute dtype (fitted on a Llama-3.2-1B shape loading to nf4).
 LOAD_IN_FLIGHT = 3
@@ -38,11 +39,11 @@ WIDEN_ELEMENTS = 2**23
 BACKWARD_I_COPIES = 4
 DEQUANT_COPIES = 2
 # Measured peak over saved activation bytes without checkpointing (fitted, see activation_bytes).
-HEAP_FACTOR = 1.9
+HEAP_FACTOR = 1.5
 # With checkpointing, share of a layer's saved bytes still resident per layer at the peak (fitted),
 # when its hidden-size activations are smaller than the trainer's lean-heap threshold and so stay in
 # glibc's heap; from that size up they are unmapped when freed and nothing stays behind.
-CKPT_RESIDUE = 0.55
+CKPT_RESIDUE = 0.15
 LEAN_MMAP_THRESHOLD = 2**20  # edgetune.train.memory.LEAN_MMAP_THRESHOLD
 # A CUDA context and its kernels take VRAM outside torch's allocator (not measured on this machine).
 CUDA_CONTEXT_BYTES = 500 * MiB
@@ -211,19 +212,20 @@ def loss_bytes(shape: ModelShape, setting: Setting) -> int:
     """The chunked loss: hidden states of the label tokens, their gradient, and one logits block.
 
     The trainer keeps the final hidden states, a copy of those at label positions and a gradient of
-    the same size; each block of at most 2**25 logits lives in fp32 (turned into probabilities in
-    place), in bf16 beside the matmul's own output. A narrow output layer is widened
-    WIDEN_ELEMENTS at a time, with an fp32 accumulator per chunk of tokens (edgetune.train.loss).
+    the same size; a chunk of tokens has an accumulator of the same width, and each block of its
+    logits (LOSS_BLOCK_ROWS vocabulary rows, at most LOSS_LOGITS_ELEMENTS) lives in fp32, in bf16
+    beside the matmul's own output. A narrow output layer is widened a block of rows at a time
+    (edgetune.train.loss).
     """
     c = compute_bytes(setting.dtype)
     tokens = setting.tokens
     hidden = tokens * shape.hidden * (4 + 3 * c)  # final norm's fp32 input, output, selection, grad
-    columns = shape.vocab
+    rows = min(shape.vocab, LOSS_BLOCK_ROWS)
     if embedding_bytes_per_param(shape, setting) < c:
-        columns = max(1, min(shape.vocab, WIDEN_ELEMENTS // shape.hidden))
-        hidden += WIDEN_ELEMENTS * c + min(tokens, LOSS_CHUNK_ELEMENTS // columns) * shape.hidden * c
-    chunk = min(tokens, max(16, LOSS_CHUNK_ELEMENTS // columns))
-    return hidden + chunk * columns * (4 + (2 if c == 2 else 0))
+        rows = max(1, min(rows, WIDEN_ELEMENTS // shape.hidden))
+        hidden += rows * shape.hidden * c
+    chunk = min(tokens, max(16, LOSS_LOGITS_ELEMENTS // rows))
+    return hidden + chunk * shape.hidden * c + chunk * rows * (4 + (2 if c == 2 else 0))
 
 
 def temporary_bytes(shape: ModelShape, setting: Setting) -> int:

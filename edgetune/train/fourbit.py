@@ -89,7 +89,18 @@ def use_workspace(model: Any) -> Workspace:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.forward = _forward(module, workspace)
+            module.dense_weight = _dense_weight(module, workspace)
     return workspace
+
+
+def _dense_weight(module: Any, workspace: Workspace) -> Any:
+    """For edgetune.train.lora: the layer's weight as a dense tensor, when it computes in `dtype`."""
+    def dense_weight(dtype: torch.dtype) -> Any:
+        if module.compute_dtype not in (None, dtype):
+            return None
+        return lambda: workspace.dequantize(module.weight, dtype)
+
+    return dense_weight
 
 
 def _forward(module: Any, workspace: Workspace) -> Any:

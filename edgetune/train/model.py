@@ -207,7 +207,8 @@ def keep_4bit_layout_trainable(model: Any) -> None:
 
 def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str | list[str],
              seed: int, grad_checkpointing: bool) -> Any:
-    """Wrap the base in a PEFT LoRA model; adapter weights stay fp32 for stable updates."""
+    """Wrap the base in a PEFT LoRA model (adapter weights fp32 for stable updates), with LoRA layers
+    computed in place (edgetune.train.lora)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -218,6 +219,9 @@ def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str |
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise EdgetuneError(f"--target-modules {modules}: {str(exc).splitlines()[0]}") from None
+    from edgetune.train.lora import fuse_lora
+
+    fuse_lora(peft_model)
     if grad_checkpointing:
         peft_model.base_model.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,84 @@
+"""The fused LoRA forward and backward (edgetune.train.lora) against PEFT's own."""
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+
+from edgetune.train.lora import _LoraLinear
+from edgetune.train.model import add_lora, load_base
+
+
+def _lora_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def _randomise_b(model, seed: int = 0) -> None:
+    """PEFT starts lora_B at zero, which would hide an error in the low-rank term."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+
+
+def _loss_and_grads(model, ids: torch.Tensor) -> tuple:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids).logits.square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("arch,quant,checkpointing", [
+    ("llama", "none", False), ("qwen2", "none", False), ("llama", "nf4", False),
+    ("llama", "none", True)])
+def test_fused_lora_matches_peft(tiny_factory, arch, quant, checkpointing):
+    """Same loss and adapter gradients as PEFT's forward, with biases, a 4-bit base and recomputation."""
+    model = add_lora(load_base(tiny_factory(arch), torch.float32, "cpu", quant), 4, 8.0, 0.0,
+                     "all-linear", 0, checkpointing)
+    model.train()
+    _randomise_b(model)
+    layers = _lora_layers(model)
+    assert layers and all("_forward.<locals>" in m.forward.__qualname__ for m in layers)
+    if arch == "qwen2":
+        assert any(m.base_layer.bias is not None for m in layers)
+    ids = torch.randint(0, 200, (2, 12))
+    calls = []
+    real = _LoraLinear.apply
+    _LoraLinear.apply = lambda *args: calls.append(1) or real(*args)
+    try:
+        loss, grads = _loss_and_grads(model, ids)
+    finally:
+        _LoraLinear.apply = real
+    assert len(calls) >= len(layers)  # every layer took the fused path
+    for m in layers:  # PEFT's own forward, the class method the instance attribute shadows
+        del m.forward
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_peft_features_fall_back_to_peft(tiny_model):
+    """Dropout, a disabled adapter and a merged layer run PEFT's forward, with PEFT's results."""
+    model = add_lora(load_base(tiny_model, torch.float32, "cpu"), 4, 8.0, 0.1, "all-linear", 0, False)
+    _randomise_b(model)
+    ids = torch.randint(0, 200, (1, 8))
+    calls = []
+    real = _LoraLinear.apply
+    _LoraLinear.apply = lambda *args: calls.append(1) or real(*args)
+    try:
+        model.train()  # dropout active: PEFT's forward
+        model(input_ids=ids)
+        model.eval()  # dropout still configured: PEFT's forward
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            with model.disable_adapter():
+                disabled = model(input_ids=ids).logits
+    finally:
+        _LoraLinear.apply = real
+    assert calls == []
+    base = load_base(tiny_model, torch.float32, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(disabled, base(input_ids=ids).logits)
+    assert not torch.allclose(plain, disabled)
