@@ -82,3 +82,20 @@ def test_peft_features_fall_back_to_peft(tiny_model):
     with torch.no_grad():
         torch.testing.assert_close(disabled, base(input_ids=ids).logits)
     assert not torch.allclose(plain, disabled)
+
+
+def test_int8_base_keeps_peft_forward(tiny_model):
+    """int8 layers have no dense weight to fuse with: PEFT's forward, as the planner assumes."""
+    from edgetune.plan.memory import Setting, fused_lora
+
+    model = add_lora(load_base(tiny_model, torch.float32, "cpu", "int8"), 4, 8.0, 0.0, "all-linear", 0,
+                     False)
+    calls = []
+    real = _LoraLinear.apply
+    _LoraLinear.apply = lambda *args: calls.append(1) or real(*args)
+    try:
+        model(input_ids=torch.randint(0, 200, (1, 8)))
+    finally:
+        _LoraLinear.apply = real
+    assert calls == [] and not fused_lora(Setting(quant="int8", dtype="fp32"))
+    assert fused_lora(Setting(quant="nf4", dtype="fp32")) and fused_lora(Setting(dtype="fp32"))

@@ -256,3 +256,16 @@ def test_checkpointed_activations_leave_a_heap_residue_only_below_the_lean_thres
         setting = Setting(batch_size=1, seq_len=tokens, dtype="fp32", grad_checkpointing=True)
         expected = tokens * (SHAPE.layers * (4 * SHAPE.hidden + residue * per_layer) + per_layer)
         assert memory.activation_bytes(SHAPE, setting) == int(expected)
+
+
+def test_layers_on_peft_forward_keep_the_larger_heap_factor():
+    """bf16 compute (fp32 adapters), int8 and 4-bit on a GPU run PEFT's forward, not the fused one."""
+    per_layer = {}
+    for setting in (Setting(dtype="fp32"), Setting(dtype="bf16"), Setting(dtype="fp32", quant="int8"),
+                    Setting(dtype="fp32", quant="nf4"), Setting(dtype="fp32", quant="nf4", device="cuda")):
+        saved = sum(memory.layer_activation_bytes(SHAPE, setting).values())
+        per_layer[setting] = memory.activation_bytes(SHAPE, setting) / (setting.tokens * SHAPE.layers * saved)
+    assert [round(f, 3) for f in per_layer.values()] == [memory.HEAP_FACTOR, memory.PEFT_HEAP_FACTOR,
+                                                         memory.PEFT_HEAP_FACTOR, memory.HEAP_FACTOR,
+                                                         memory.PEFT_HEAP_FACTOR]
+    assert memory.HEAP_FACTOR < memory.PEFT_HEAP_FACTOR

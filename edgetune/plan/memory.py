@@ -38,12 +38,16 @@ WIDEN_ELEMENTS = 2**23
 # flight during one layer's backward pass, and dequantized copies of the largest 4/8-bit weight.
 BACKWARD_I_COPIES = 4
 DEQUANT_COPIES = 2
-# Measured peak over saved activation bytes without checkpointing (fitted, see activation_bytes).
+# Measured peak over saved activation bytes without checkpointing (fitted, see activation_bytes),
+# with edgetune's fused LoRA layers and with PEFT's own forward (fitted before the fused layers).
 HEAP_FACTOR = 1.5
+PEFT_HEAP_FACTOR = 1.9
 # With checkpointing, share of a layer's saved bytes still resident per layer at the peak (fitted),
 # when its hidden-size activations are smaller than the trainer's lean-heap threshold and so stay in
-# glibc's heap; from that size up they are unmapped when freed and nothing stays behind.
+# glibc's heap; from that size up they are unmapped when freed and nothing stays behind. The same
+# two cases as the heap factor.
 CKPT_RESIDUE = 0.15
+PEFT_CKPT_RESIDUE = 0.55
 LEAN_MMAP_THRESHOLD = 2**20  # edgetune.train.memory.LEAN_MMAP_THRESHOLD
 # A CUDA context and its kernels take VRAM outside torch's allocator (not measured on this machine).
 CUDA_CONTEXT_BYTES = 500 * MiB
@@ -191,15 +195,25 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> int:
     step's temporaries in the heap between the saved tensors, and the next steps reuse them only in
     part (the peak grows from step 1 to step 2 by ~9%). With checkpointing the trainer unmaps
     blocks of 1 MiB and more when freed, so only activations smaller than that leave a residue.
+    Layers on PEFT's own forward make more temporaries than edgetune's fused ones and leave more.
     """
     per_layer = sum(layer_activation_bytes(shape, setting).values())
     c = compute_bytes(setting.dtype)
+    fused = fused_lora(setting)
     if setting.grad_checkpointing:
         in_heap = setting.tokens * shape.hidden * 4 < LEAN_MMAP_THRESHOLD
-        residue = CKPT_RESIDUE if in_heap else 0.0
+        residue = (CKPT_RESIDUE if fused else PEFT_CKPT_RESIDUE) if in_heap else 0.0
         kept = shape.layers * (c * shape.hidden + residue * per_layer) + per_layer
         return int(setting.tokens * kept)
-    return int(setting.tokens * shape.layers * per_layer * HEAP_FACTOR)
+    factor = HEAP_FACTOR if fused else PEFT_HEAP_FACTOR
+    return int(setting.tokens * shape.layers * per_layer * factor)
+
+
+def fused_lora(setting: Setting) -> bool:
+    """Whether the trainer's fused LoRA layers run (edgetune.train.lora): adapters in the compute
+    dtype (fp32; bf16 compute keeps fp32 adapters) over a dense or CPU 4-bit base, not int8."""
+    dense_base = setting.quant == "none" or (setting.quant == "nf4" and setting.device == "cpu")
+    return setting.dtype == "fp32" and dense_base
 
 
 def backward_work_bytes(shape: ModelShape, setting: Setting) -> int:
