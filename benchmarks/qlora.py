@@ -1,7 +1,7 @@
 """QLoRA against LoRA: peak RSS, tokens/s and learning, on SmolLM2-135M and a Llama-3.2-1B shape.
 
-    python benchmarks/qlora.py [--models smollm2-135m,llama-3.2-1b] [--repeats 3] [--learning]
-                               [--learning-seeds 3]
+    python benchmarks/qlora.py [--models smollm2-135m,llama-3.2-1b] [--repeats 3] [--only NAME]
+                               [--learning] [--learning-seeds 3]
 
 Each configuration trains in a fresh process; peak RSS is that process's maximum resident set (wait4).
 Speed runs are interleaved across configurations and repeated, and medians are reported, because the
@@ -27,7 +27,7 @@ CONFIGS = {  # name: extra train flags
 
 
 def memory_and_speed(model: Path, data: Path, work: Path, repeats: int, seq_len: int,
-                     batch: int, steps: int) -> dict:
+                     batch: int, steps: int, only: str = "") -> dict:
     results: dict = {}
     common = ["--model", str(model), "--data", str(data), "--seq-len", str(seq_len),
               "--batch-size", str(batch), "--steps", str(steps), "--eval-split", "0",
@@ -36,6 +36,8 @@ def memory_and_speed(model: Path, data: Path, work: Path, repeats: int, seq_len:
         for name, flags in CONFIGS.items():
             for ckpt in (False, True):
                 key = f"{name}{' + ckpt' if ckpt else ''}"
+                if only not in key:
+                    continue
                 extra = flags + (["--grad-checkpointing"] if ckpt else [])
                 run = run_train(common + extra, work / "run")
                 speeds = [r["tokens_per_s"] for r in run["log"][1:]]  # skip warm-up step
@@ -48,16 +50,16 @@ def memory_and_speed(model: Path, data: Path, work: Path, repeats: int, seq_len:
 
 
 def print_table(title: str, results: dict, model: Path, batch: int, seq_len: int) -> None:
-    base = results["lora + adamw"]
-    base_rss, base_tps = median(base["peak_rss"]), median(base["tokens_per_s"])
+    base = results.get("lora + adamw")  # absent when --only leaves it out: no ratios then
+    base_rss, base_tps = (median(base["peak_rss"]), median(base["tokens_per_s"])) if base else (0, 0)
     print(f"\n{title}")
     print(f"{'configuration':<34}{'peak RSS':>11}{'vs LoRA':>9}{'tok/s (median)':>16}"
           f"{'spread':>16}{'vs LoRA':>9}")
     for key, entry in results.items():
         rss, tps = median(entry["peak_rss"]), median(entry["tokens_per_s"])
         spread = f"{min(entry['tokens_per_s']):.0f}-{max(entry['tokens_per_s']):.0f}"
-        print(f"{key:<34}{rss / 2**30:>8.2f} GiB{rss / base_rss:>9.2f}{tps:>16.1f}{spread:>16}"
-              f"{tps / base_tps:>9.2f}")
+        print(f"{key:<34}{rss / 2**30:>8.2f} GiB{rss / base_rss if base else 0:>9.2f}{tps:>16.1f}"
+              f"{spread:>16}{tps / base_tps if base else 0:>9.2f}")
     from edgetune.train.model import cpu_has_bf16
 
     if not cpu_has_bf16():
@@ -68,6 +70,8 @@ def print_table(title: str, results: dict, model: Path, batch: int, seq_len: int
 
         bf16 = breakdown(shape_from_model_dir(model), Setting(
             quant="none", optim="adamw", rank=16, batch_size=batch, seq_len=seq_len, dtype="bf16")).peak
+        if "nf4 + adamw8bit + ckpt" not in results:
+            return
         smallest = median(results["nf4 + adamw8bit + ckpt"]["peak_rss"])
         print(f"{'bf16 LoRA + adamw (predicted)':<34}{bf16 / 2**30:>8.2f} GiB; "
               f"nf4 + adamw8bit + ckpt measured / bf16 LoRA predicted = {smallest / bf16:.2f}")
@@ -151,6 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="smollm2-135m,llama-3.2-1b")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="", help="run only configurations whose name contains this")
     parser.add_argument("--learning", action="store_true", help="also compare learning")
     parser.add_argument("--learning-steps", type=int, default=40)
     parser.add_argument("--learning-seeds", type=int, default=3)
@@ -166,7 +171,7 @@ def main() -> None:
             model, seq_len, batch, steps = shaped_model(name, work), 256, 1, 2
         print(f"{name}: batch {batch} x {seq_len} tokens, {steps} steps, {args.repeats} repeats",
               flush=True)
-        results = memory_and_speed(model, data, work, args.repeats, seq_len, batch, steps)
+        results = memory_and_speed(model, data, work, args.repeats, seq_len, batch, steps, args.only)
         print_table(f"{name} (batch {batch} x {seq_len})", results, model, batch, seq_len)
     if args.learning:
         learning(work, args.learning_steps, args.learning_seeds)
