@@ -1,5 +1,7 @@
 """The fused LoRA forward and backward (edgetune.train.lora) against PEFT's own."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
@@ -19,6 +21,18 @@ def _randomise_b(model, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
+
+
+@contextmanager
+def _fused_calls():
+    """A list that gets one entry per call of the fused layer's autograd function."""
+    calls = []
+    real = _LoraLinear.apply
+    _LoraLinear.apply = lambda *args: calls.append(1) or real(*args)
+    try:
+        yield calls
+    finally:
+        _LoraLinear.apply = real
 
 
 def _loss_and_grads(model, ids: torch.Tensor) -> tuple:
@@ -42,13 +56,8 @@ def test_fused_lora_matches_peft(tiny_factory, arch, quant, checkpointing):
     if arch == "qwen2":
         assert any(m.base_layer.bias is not None for m in layers)
     ids = torch.randint(0, 200, (2, 12))
-    calls = []
-    real = _LoraLinear.apply
-    _LoraLinear.apply = lambda *args: calls.append(1) or real(*args)
-    try:
+    with _fused_calls() as calls:
         loss, grads = _loss_and_grads(model, ids)
-    finally:
-        _LoraLinear.apply = real
     assert len(calls) >= len(layers)  # every layer took the fused path
     for m in layers:  # PEFT's own forward, the class method the instance attribute shadows
         del m.forward
@@ -64,10 +73,7 @@ def test_peft_features_fall_back_to_peft(tiny_model):
     model = add_lora(load_base(tiny_model, torch.float32, "cpu"), 4, 8.0, 0.1, "all-linear", 0, False)
     _randomise_b(model)
     ids = torch.randint(0, 200, (1, 8))
-    calls = []
-    real = _LoraLinear.apply
-    _LoraLinear.apply = lambda *args: calls.append(1) or real(*args)
-    try:
+    with _fused_calls() as calls:
         model.train()  # dropout active: PEFT's forward
         model(input_ids=ids)
         model.eval()  # dropout still configured: PEFT's forward
@@ -75,8 +81,6 @@ def test_peft_features_fall_back_to_peft(tiny_model):
             plain = model(input_ids=ids).logits
             with model.disable_adapter():
                 disabled = model(input_ids=ids).logits
-    finally:
-        _LoraLinear.apply = real
     assert calls == []
     base = load_base(tiny_model, torch.float32, "cpu")
     with torch.no_grad():
@@ -90,12 +94,7 @@ def test_int8_base_keeps_peft_forward(tiny_model):
 
     model = add_lora(load_base(tiny_model, torch.float32, "cpu", "int8"), 4, 8.0, 0.0, "all-linear", 0,
                      False)
-    calls = []
-    real = _LoraLinear.apply
-    _LoraLinear.apply = lambda *args: calls.append(1) or real(*args)
-    try:
+    with _fused_calls() as calls:
         model(input_ids=torch.randint(0, 200, (1, 8)))
-    finally:
-        _LoraLinear.apply = real
     assert calls == [] and not fused_lora(Setting(quant="int8", dtype="fp32"))
     assert fused_lora(Setting(quant="nf4", dtype="fp32")) and fused_lora(Setting(dtype="fp32"))
