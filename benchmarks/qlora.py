@@ -87,21 +87,15 @@ def shipped_eval_loss(run_dir: Path, eval_file: Path) -> float:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from edgetune.train.data import collate, encode, read_jsonl
-    from edgetune.train.loss import causal_lm_loss
+    from edgetune.train.data import encode, read_jsonl
+    from edgetune.train.loop import mean_token_loss
     from edgetune.train.model import load_base
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     model = PeftModel.from_pretrained(load_base(smollm2_dir(), torch.float32, "cpu"), run_dir).eval()
     fmt, records = read_jsonl(eval_file)
-    examples = encode(tokenizer, fmt, records)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(examples), 8):
-            batch = collate(examples[start:start + 8], tokenizer.pad_token_id)
-            loss_sum, n = causal_lm_loss(model, batch)
-            total, count = total + loss_sum.item(), count + n
-    return total / count
+    return mean_token_loss(model, encode(tokenizer, fmt, records), 8, tokenizer.pad_token_id,
+                           packed=False, device="cpu")
 
 
 def learning(work: Path, steps: int, seeds: int) -> None:

@@ -62,23 +62,18 @@ class Loop:
         self.step += 1
         return total / n_labels, sum(n_tokens(b) for b in micro)
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean token loss over the validation set."""
         if not self.eval_examples:
             return None
         self.model.eval()
-        total, count, size = 0.0, 0, self.config.batch_size
-        for start in range(0, len(self.eval_examples), size):
-            chunk = self.eval_examples[start:start + size]
-            batch = pack(chunk) if self.batches.packed else collate(chunk, self.batches.pad_id)
-            loss_sum, n = causal_lm_loss(self.model, self._to_device(batch))
-            total, count = total + loss_sum.item(), count + n
+        loss = mean_token_loss(self.model, self.eval_examples, self.config.batch_size,
+                               self.batches.pad_id, self.batches.packed, self.device)
         self.model.train()
-        return total / max(count, 1)
+        return loss
 
     def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return to_device(batch, self.device)
 
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -143,6 +138,23 @@ class Loop:
             self.save_checkpoint()
         return Summary(self.step, last_loss, eval_loss, tokens / seconds if seconds else 0.0,
                        peak_rss(), interrupted, stopped, self.history)
+
+
+def to_device(batch: dict, device: Any) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def mean_token_loss(model: Any, examples: list[Example], batch_size: int, pad_id: int,
+                    packed: bool, device: Any) -> float:
+    """Mean loss per label token over `examples`, packed or padded `batch_size` at a time."""
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = pack(chunk) if packed else collate(chunk, pad_id)
+        loss_sum, n = causal_lm_loss(model, to_device(batch, device))
+        total, count = total + loss_sum.item(), count + n
+    return total / max(count, 1)
 
 
 def _due(step: int, every: int, total: int) -> bool:

@@ -59,11 +59,14 @@ def fuse_lora(model: Any) -> int:
     """
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)
-              and (type(m.base_layer) is torch.nn.Linear or hasattr(m.base_layer, "dense_weight"))]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and _has_dense(m.base_layer)]
     for module in layers:
         module.forward = _forward(module, module.forward)
     return len(layers)
+
+
+def _has_dense(base: Any) -> bool:
+    return type(base) is torch.nn.Linear or hasattr(base, "dense_weight")
 
 
 def _dense(base: Any, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
