@@ -44,3 +44,23 @@ def test_lean_heap_returns_activation_sized_blocks_and_restores_the_default():
     assert returned_after_churn() < 16 * 2**20  # 2 MiB blocks stay in the heap at the 32 MiB default
     with lean_heap(enabled=False):
         assert returned_after_churn() < 16 * 2**20
+
+
+def test_lean_heap_release_hands_back_the_free_pages_of_small_blocks():
+    """Blocks under the lean threshold stay in the heap when freed; the after-step release returns
+    their pages."""
+    from edgetune.train.memory import lean_heap
+
+    def churn_small() -> tuple[list, list]:
+        freed, kept = [], []
+        for _ in range(256):
+            freed.append(torch.ones(128 * 1024))  # 512 KiB: in the heap, under the 1 MiB threshold
+            kept.append(torch.ones(16 * 1024))  # live blocks between them keep the heap from shrinking
+        return freed, kept
+
+    with lean_heap() as release:
+        freed, kept = churn_small()
+        del freed
+        before = rss()
+        release()
+        assert before - rss() > 64 * 2**20, f"{(before - rss()) / 2**20:.0f} MiB"

@@ -192,3 +192,25 @@ def test_workspace_matmul_matches_bitsandbytes(tiny_model, double_quant):
         (grad_ref,) = torch.autograd.grad(ref.square().sum(), x_ref)
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("out_features,in_features,bias", [(200, 96, True), (64, 576, False)])
+def test_workspace_blocks_of_rows_match_the_whole_weight(out_features, in_features, bias):
+    """A buffer smaller than the weight: each block of rows starts on a quantization block, and the
+    output columns and input-gradient sums it makes equal one matmul with the whole weight."""
+    from edgetune.train.fourbit import Workspace
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
+                              quant_type="nf4", compress_statistics=True)
+    layer.load_state_dict(torch.nn.Linear(in_features, out_features, bias=bias).state_dict())
+    layer = layer.to("cpu").requires_grad_(False)  # quantizes; frozen, as load_base leaves it
+    whole = bnb.functional.dequantize_4bit(layer.weight, layer.weight.quant_state).float()
+    workspace = Workspace(elements=3000)  # a few rows per block, not a multiple of 64 elements
+    blocks = [(first, len(rows)) for first, rows in workspace.blocks(layer.weight, torch.float32)]
+    assert len(blocks) > 3 and all(first * in_features % 64 == 0 for first, _ in blocks)
+    assert sum(count for _, count in blocks) == out_features
+    x, grad = torch.randn(7, in_features), torch.randn(7, out_features)
+    torch.testing.assert_close(workspace.linear(x, layer.weight, layer.bias),
+                               torch.nn.functional.linear(x, whole, layer.bias), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(workspace.grad_input(grad, layer.weight), grad @ whole, rtol=1e-5, atol=1e-5)

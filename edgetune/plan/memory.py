@@ -38,6 +38,8 @@ WIDEN_ELEMENTS = 2**23
 # flight during one layer's backward pass, and dequantized copies of the largest 4/8-bit weight.
 BACKWARD_I_COPIES = 4
 DEQUANT_COPIES = 2
+# On the CPU, 4-bit layers dequantize into one buffer of this many elements (edgetune.train.fourbit).
+DEQUANT_BUFFER_ELEMENTS = 2**22
 # Measured peak over saved activation bytes without checkpointing (fitted, see activation_bytes),
 # with edgetune's fused LoRA layers and with PEFT's own forward (fitted before the fused layers).
 HEAP_FACTOR = 1.5
@@ -243,16 +245,17 @@ def loss_bytes(shape: ModelShape, setting: Setting) -> int:
 
 
 def temporary_bytes(shape: ModelShape, setting: Setting) -> int:
-    """Dequantized weights during a 4/8-bit matmul: the largest linear layer in the compute dtype.
+    """Dequantized weights during a 4/8-bit matmul, in the compute dtype.
 
-    On the CPU, 4-bit layers dequantize into one buffer they share (edgetune.train.fourbit);
-    elsewhere bitsandbytes makes new copies.
+    On the CPU, 4-bit layers dequantize into one buffer they share, a block of rows at a time
+    (edgetune.train.fourbit); elsewhere bitsandbytes makes new copies of the largest weight.
     """
     if setting.quant == "none":
         return 0
     largest = max(a * b for a, b in shape.linears())
-    copies = 1 if setting.quant == "nf4" and setting.device == "cpu" else DEQUANT_COPIES
-    return copies * largest * compute_bytes(setting.dtype)
+    if setting.quant == "nf4" and setting.device == "cpu":
+        return min(largest, DEQUANT_BUFFER_ELEMENTS) * compute_bytes(setting.dtype)
+    return DEQUANT_COPIES * largest * compute_bytes(setting.dtype)
 
 
 def load_peak_bytes(shape: ModelShape, setting: Setting, runtime: int, weights: int) -> int:

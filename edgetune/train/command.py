@@ -77,8 +77,8 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
 
         loop.restore(completed(run_dir)[-1])
         print(f"edgetune: resuming {run_dir} at step {loop.step} of {total}")
-    with lean_heap(config.grad_checkpointing):  # the memory-first setting: see lean_heap
-        summary = loop.run(on_step)
+    with lean_heap(config.grad_checkpointing) as release:  # the memory-first setting: see lean_heap
+        summary = loop.run(on_step, after_step=release)
     if summary.stopped_for_memory:
         print(f"edgetune: stopped at step {summary.steps} to stay inside --ram {config.ram}: "
               f"{guard.message}; checkpoint written. {_suggestion(config, model_dir, dtype)}")

@@ -7,25 +7,37 @@ against 5.8 ms into a buffer already touched, beside a 72 ms matmul for 256 toke
 temporaries also scatter glibc's heap: on a Llama-3.2-1B shape the heap grew by ~35 MB per layer
 through a checkpointed forward while ~40 MB was live.
 
-Here every 4-bit layer of a model dequantizes into one buffer, as large as its largest weight and
-reused by each matmul in turn, through bitsandbytes' own CPU kernel (the same values, bit for bit).
+Here every 4-bit layer of a model dequantizes into one buffer, reused by each matmul in turn,
+through bitsandbytes' own CPU kernel (the same values, bit for bit). A weight larger than the buffer
+is taken a block of rows at a time: the forward pass writes each block's columns of the output, the
+backward pass adds each block's share of the input gradient. The buffer (16 MiB of fp32) then stays
+resident for the whole run instead of the largest weight (64 MiB on a Llama-3.2-1B shape), and it
+fits in the cache that the matmul reads it back from.
 """
 
 import ctypes
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+# Elements dequantized at a time: 2**22 is 16 MiB of fp32.
+BUFFER_ELEMENTS = 2**22
 
 
 class Workspace:
     """One flat buffer per compute dtype that a model's 4-bit layers dequantize into, one at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, elements: int = BUFFER_ELEMENTS) -> None:
+        self.elements = elements
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
 
-    def dequantize(self, weight: Any, dtype: torch.dtype) -> torch.Tensor:
-        """`weight` (a bnb Params4bit) as a dense (out, in) tensor; valid until the next call."""
+    def blocks(self, weight: Any, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, dense rows) of `weight` (a bnb Params4bit) in `dtype`, a block at a time.
+
+        Each block is valid until the next one is asked for.
+        """
         state = weight.quant_state
         rows, cols = state.shape
         kernel = _kernel(state.quant_type, dtype)
@@ -33,14 +45,42 @@ class Workspace:
         if kernel is None or cols % 2 or state.blocksize >= 2048 or weight.device.type != "cpu":
             import bitsandbytes.functional as bnbf
 
-            return bnbf.dequantize_4bit(weight, state).to(dtype)
+            yield 0, bnbf.dequantize_4bit(weight, state).to(dtype)
+            return
+        # Blocks of equal size, each starting on a quantization block (a multiple of `step` rows).
+        step = state.blocksize // math.gcd(cols, state.blocksize)
+        most = max(step, self.elements // cols // step * step)
+        count = math.ceil(rows / most)
+        block_rows = min(rows, math.ceil(math.ceil(rows / count) / step) * step)
         buffer = self.buffers.get(dtype)
-        if buffer is None or buffer.numel() < rows * cols:
-            buffer = self.buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
-        out = buffer[:rows * cols].view(rows, cols)
-        packed, absmax = weight.data.view(torch.uint8), _absmax(state)  # alive through the call
-        kernel(_ptr(packed), _ptr(absmax), _ptr(out),
-               ctypes.c_longlong(state.blocksize), ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+        if buffer is None or buffer.numel() < block_rows * cols:
+            buffer = self.buffers[dtype] = torch.empty(block_rows * cols, dtype=dtype)
+        packed, absmax = weight.data.view(torch.uint8).reshape(-1), _absmax(state)  # alive throughout
+        for first in range(0, rows, block_rows):
+            n = min(block_rows, rows - first)
+            out = buffer[:n * cols].view(n, cols)
+            element = first * cols
+            kernel(_ptr(packed[element // 2:]), _ptr(absmax[element // state.blocksize:]), _ptr(out),
+                   ctypes.c_longlong(state.blocksize), ctypes.c_longlong(n), ctypes.c_longlong(cols))
+            yield first, out
+
+    def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ W.T (+ bias) for 2-d `x`, one block of W's rows (the output's columns) at a time."""
+        out = torch.empty(x.shape[0], weight.quant_state.shape[0], dtype=x.dtype, device=x.device)
+        for first, w in self.blocks(weight, x.dtype):
+            columns = out[:, first:first + len(w)]
+            if bias is None:
+                torch.mm(x, w.t(), out=columns)
+            else:
+                torch.addmm(bias[first:first + len(w)], x, w.t(), out=columns)
+        return out
+
+    def grad_input(self, grad: torch.Tensor, weight: Any) -> torch.Tensor:
+        """grad @ W for 2-d `grad`, summed over blocks of W's rows."""
+        out = None
+        for first, w in self.blocks(weight, grad.dtype):
+            part = grad[:, first:first + len(w)]
+            out = part @ w if out is None else out.addmm_(part, w)
         return out
 
 
@@ -71,14 +111,16 @@ class _Matmul4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, workspace: Workspace) -> torch.Tensor:
-        ctx.weight, ctx.workspace = weight, workspace
-        return F.linear(x, workspace.dequantize(weight, x.dtype), bias)
+        ctx.weight, ctx.workspace, ctx.shape = weight, workspace, x.shape
+        out = workspace.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        return grad @ ctx.workspace.dequantize(ctx.weight, grad.dtype), None, None, None
+        grad_x = ctx.workspace.grad_input(grad.reshape(-1, grad.shape[-1]), ctx.weight)
+        return grad_x.view(ctx.shape), None, None, None
 
 
 def use_workspace(model: Any) -> Workspace:
@@ -89,18 +131,31 @@ def use_workspace(model: Any) -> Workspace:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.forward = _forward(module, workspace)
-            module.dense_weight = _dense_weight(module, workspace)
+            module.frozen_linear = _frozen_linear(module, workspace)
     return workspace
 
 
-def _dense_weight(module: Any, workspace: Workspace) -> Any:
-    """For edgetune.train.lora: the layer's weight as a dense tensor, when it computes in `dtype`."""
-    def dense_weight(dtype: torch.dtype) -> Any:
+class FrozenLinear:
+    """The matmuls of a frozen layer that edgetune.train.lora builds on: forward, and input gradient."""
+
+    def __init__(self, weight: Any, workspace: Workspace) -> None:
+        self.weight, self.workspace = weight, workspace
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.workspace.linear(x, self.weight, bias)
+
+    def grad_input(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.workspace.grad_input(grad, self.weight)
+
+
+def _frozen_linear(module: Any, workspace: Workspace) -> Any:
+    """For edgetune.train.lora: the layer's matmuls in `dtype`, or None if it computes in another."""
+    def frozen_linear(dtype: torch.dtype) -> FrozenLinear | None:
         if module.compute_dtype not in (None, dtype):
             return None
-        return lambda: workspace.dequantize(module.weight, dtype)
+        return FrozenLinear(module.weight, workspace)
 
-    return dense_weight
+    return frozen_linear
 
 
 def _forward(module: Any, workspace: Workspace) -> Any:

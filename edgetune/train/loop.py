@@ -97,8 +97,12 @@ class Loop:
         with (self.run_dir / "train_log.jsonl").open("a") as stream:
             stream.write(json.dumps(record) + "\n")
 
-    def run(self, on_step: Callable[[int], None] | None = None) -> Summary:
-        """Train to `total_steps`; Ctrl-C or the memory guard ends early with a checkpoint."""
+    def run(self, on_step: Callable[[int], None] | None = None,
+            after_step: Callable[[], None] | None = None) -> Summary:
+        """Train to `total_steps`; Ctrl-C or the memory guard ends early with a checkpoint.
+
+        `on_step(step)` is called before each step, `after_step()` after it.
+        """
         bar = _progress(self.config.progress, self.total_steps, self.step)
         tokens, seconds, last_loss, eval_loss = 0, 0.0, None, None
         interrupted = stopped = False
@@ -110,6 +114,8 @@ class Loop:
                         on_step(self.step)
                     started = time.perf_counter()
                     last_loss, n_tokens = self.train_step()
+                    if after_step is not None:
+                        after_step()
                 except KeyboardInterrupt:
                     self.batches.load_state(position)  # the step did not happen
                     self.optimizer.zero_grad(set_to_none=True)

@@ -22,16 +22,14 @@ class _LoraLinear(torch.autograd.Function):
     """x @ W.T + bias + scale * (x @ A.T) @ B.T for a frozen W; gradients for x, A and B."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                dense: Callable[[], torch.Tensor], bias: torch.Tensor | None,
-                scale: float) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, frozen: Any,
+                bias: torch.Tensor | None, scale: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        weight = dense()
-        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        out = frozen.forward(x2, bias)
         xa = x2 @ a.t()
         out.addmm_(xa, b.t(), alpha=scale)
         ctx.save_for_backward(x2, xa, a, b)
-        ctx.dense, ctx.scale, ctx.shape = dense, scale, x.shape
+        ctx.frozen, ctx.scale, ctx.shape = frozen, scale, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -41,7 +39,7 @@ class _LoraLinear(torch.autograd.Function):
         gb = g @ b
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ ctx.dense()).addmm_(gb, a, alpha=ctx.scale).view(ctx.shape)
+            grad_x = ctx.frozen.grad_input(g).addmm_(gb, a, alpha=ctx.scale).view(ctx.shape)
         if ctx.needs_input_grad[1]:
             grad_a = (gb.t() @ x2).mul_(ctx.scale)
         if ctx.needs_input_grad[2]:
@@ -49,11 +47,24 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None
 
 
+class _DenseLinear:
+    """The frozen matmuls of a plain `torch.nn.Linear` weight."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return x @ self.weight.t() if bias is None else torch.addmm(bias, x, self.weight.t())
+
+    def grad_input(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad @ self.weight
+
+
 def fuse_lora(model: Any) -> int:
     """Give every PEFT LoRA linear layer of `model` the fused forward; returns how many there are.
 
     The fused path runs when the base layer has a dense weight in the input's dtype: a plain
-    `torch.nn.Linear`, or a layer with a `dense_weight(dtype)` method (4-bit layers routed through
+    `torch.nn.Linear`, or a layer with a `frozen_linear(dtype)` method (4-bit layers routed through
     `edgetune.train.fourbit`). Otherwise, and whenever PEFT's own features are in use, the layer
     runs PEFT's forward.
     """
@@ -66,16 +77,16 @@ def fuse_lora(model: Any) -> int:
 
 
 def _has_dense(base: Any) -> bool:
-    return type(base) is torch.nn.Linear or hasattr(base, "dense_weight")
+    return type(base) is torch.nn.Linear or hasattr(base, "frozen_linear")
 
 
-def _dense(base: Any, dtype: torch.dtype) -> Callable[[], torch.Tensor] | None:
-    """A function returning `base`'s frozen weight in `dtype`, or None if it has none."""
+def _frozen(base: Any, dtype: torch.dtype) -> Any:
+    """`base`'s frozen matmuls in `dtype` (`forward(x, bias)`, `grad_input(grad)`), or None."""
     if base.weight.requires_grad:
         return None
-    if hasattr(base, "dense_weight"):
-        return base.dense_weight(dtype)
-    return (lambda: base.weight) if base.weight.dtype == dtype else None
+    if hasattr(base, "frozen_linear"):
+        return base.frozen_linear(dtype)
+    return _DenseLinear(base.weight) if base.weight.dtype == dtype else None
 
 
 def _forward(module: Any, peft_forward: Callable) -> Callable:
@@ -85,11 +96,11 @@ def _forward(module: Any, peft_forward: Callable) -> Callable:
             return peft_forward(x, *args, **kwargs)
         a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
         bias = module.base_layer.bias
-        dense = _dense(module.base_layer, x.dtype)
-        if (dense is None or a.dtype != x.dtype or b.dtype != x.dtype
+        frozen = _frozen(module.base_layer, x.dtype)
+        if (frozen is None or a.dtype != x.dtype or b.dtype != x.dtype
                 or (bias is not None and (bias.requires_grad or bias.dtype != x.dtype))):
             return peft_forward(x, *args, **kwargs)
-        return _LoraLinear.apply(x, a, b, dense, bias, module.scaling[adapter])
+        return _LoraLinear.apply(x, a, b, frozen, bias, module.scaling[adapter])
 
     return forward
 

@@ -4,6 +4,7 @@ allocator settings that keep freed memory from piling up in the heap."""
 import ctypes
 import os
 import platform
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def released_promptly():
 
 
 @contextmanager
-def lean_heap(enabled: bool = True):
+def lean_heap(enabled: bool = True) -> Iterator[Callable[[], None]]:
     """Map every block of 1 MiB or more on its own while training, so that freeing it unmaps it.
 
     With gradient checkpointing (the memory-first setting) the heap, not the saved activations, was
@@ -68,15 +69,21 @@ def lean_heap(enabled: bool = True):
     - SmolLM2-135M, nf4 + adamw8bit, 4 x 256: 1.95 -> 0.98 GiB, 13.9 -> 23.0 s.
     Every large block then costs fresh pages (transparent huge pages did not change that), so
     training without checkpointing keeps the fast 32 MiB threshold.
+
+    Yields the function to call after each optimizer step: it hands the heap's free pages back
+    (`malloc_trim`), which the small blocks of one step (LoRA gradients, optimizer temporaries) leave
+    behind. On the Llama-3.2-1B shape above the heap held 74-95 MiB free between steps, and the peak
+    fell from 1.67 to 1.61 GiB; on SmolLM2 (nf4 + adamw8bit, 4 x 256) the speed did not change
+    measurably (medians of three, 70 against 75 tok/s, inside the run-to-run spread).
     """
     libc = _glibc() if enabled else None
     if libc is None:
-        yield
+        yield lambda: None
         return
     libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD)
     libc.malloc_trim(0)
     try:
-        yield
+        yield lambda: libc.malloc_trim(0)
     finally:
         libc.mallopt(M_MMAP_THRESHOLD, TRAIN_MMAP_THRESHOLD)
 
