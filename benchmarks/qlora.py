@@ -1,7 +1,7 @@
 """QLoRA against LoRA: peak RSS, tokens/s and learning, on SmolLM2-135M and a Llama-3.2-1B shape.
 
     python benchmarks/qlora.py [--models smollm2-135m,llama-3.2-1b] [--repeats 3] [--only NAME]
-                               [--learning] [--learning-seeds 3]
+                               [--learning] [--learning-seeds 3] [--learning-first-seed 0]
 
 Each configuration trains in a fresh process; peak RSS is that process's maximum resident set (wait4).
 Speed runs are interleaved across configurations and repeated, and medians are reported, because the
@@ -58,12 +58,12 @@ def print_table(title: str, results: dict, model: Path, batch: int, seq_len: int
     for key, entry in results.items():
         rss, tps = median(entry["peak_rss"]), median(entry["tokens_per_s"])
         spread = f"{min(entry['tokens_per_s']):.0f}-{max(entry['tokens_per_s']):.0f}"
-        print(f"{key:<34}{rss / 2**30:>8.2f} GiB{rss / base_rss if base else 0:>9.2f}{tps:>16.1f}"
-              f"{spread:>16}{tps / base_tps if base else 0:>9.2f}")
+        rss_ratio, tps_ratio = (f"{rss / base_rss:.2f}", f"{tps / base_tps:.2f}") if base else ("-", "-")
+        print(f"{key:<34}{rss / 2**30:>8.2f} GiB{rss_ratio:>9}{tps:>16.1f}{spread:>16}{tps_ratio:>9}")
     from edgetune.train.model import cpu_has_bf16
 
     if not cpu_has_bf16():
-        # bf16 matmuls are emulated here (~1 GFLOP/s): a bf16 LoRA step on a 1B model would take
+        # bf16 matmuls are emulated here (0.2-6 GFLOP/s a thread): a bf16 LoRA step on a 1B model takes
         # tens of minutes, so the issue's bf16 baseline is the planner's prediction, said as such.
         from edgetune.plan.memory import Setting, breakdown
         from edgetune.plan.shape import shape_from_model_dir
@@ -98,7 +98,7 @@ def shipped_eval_loss(run_dir: Path, eval_file: Path) -> float:
                            packed=False, device="cpu")
 
 
-def learning(work: Path, steps: int, seeds: int) -> None:
+def learning(work: Path, steps: int, seeds: range) -> None:
     """Quick-start task: held-out exact match and eval loss, LoRA vs QLoRA after the same steps.
 
     QLoRA runs twice, with fp32 and with 8-bit optimizer states, to tell the 4-bit base's share of
@@ -117,7 +117,7 @@ def learning(work: Path, steps: int, seeds: int) -> None:
     held_out = [json.loads(line) for line in eval_file.read_text().splitlines()]
     sides = {name: CONFIGS[name] for name in ("lora + adamw", "nf4 + adamw", "nf4 + adamw8bit")}
     rows: dict = {name: [] for name in sides}
-    for seed in range(seeds):
+    for seed in seeds:
         for name, flags in sides.items():  # interleaved, so both sides see the same machine
             run_dir = work / f"{name.replace(' ', '').replace('+', '-')}-seed{seed}"
             run = run_train(["--model", "smollm2-135m", "--data", str(train_file), "--eval-data",
@@ -129,7 +129,7 @@ def learning(work: Path, steps: int, seeds: int) -> None:
             print(f"  seed {seed} {name}: exact match {accuracy:.1%}, eval loss {trained:.4f} "
                   f"as trained, {shipped:.4f} shipped", flush=True)
     print(f"\nlearning on the quick-start task ({steps} steps, {len(held_out)} held-out dates, "
-          f"{seeds} seeds; median, then min-max)")
+          f"seeds {seeds.start}-{seeds.stop - 1}; median, then min-max)")
     medians = {}
     for name, runs in rows.items():
         columns = list(zip(*runs))
@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only configurations whose name contains this")
     parser.add_argument("--learning", action="store_true", help="also compare learning")
     parser.add_argument("--learning-steps", type=int, default=40)
-    parser.add_argument("--learning-seeds", type=int, default=3)
+    parser.add_argument("--learning-seeds", type=int, default=3, help="how many seeds")
+    parser.add_argument("--learning-first-seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="folder for models and runs (default: temp)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="edgetune-bench-"))
@@ -168,7 +169,8 @@ def main() -> None:
         results = memory_and_speed(model, data, work, args.repeats, seq_len, batch, steps, args.only)
         print_table(f"{name} (batch {batch} x {seq_len})", results, model, batch, seq_len)
     if args.learning:
-        learning(work, args.learning_steps, args.learning_seeds)
+        first = args.learning_first_seed
+        learning(work, args.learning_steps, range(first, first + args.learning_seeds))
 
 
 if __name__ == "__main__":
