@@ -106,21 +106,37 @@ def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
+class FrozenLinear:
+    """A frozen 4-bit layer's matmuls through the workspace: forward, and input gradient.
+
+    Its own forward (`_Matmul4bit`) and edgetune.train.lora's fused LoRA layers both build on them.
+    """
+
+    def __init__(self, module: Any, workspace: Workspace) -> None:
+        self.module, self.workspace = module, workspace
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.workspace.linear(x, self.module.weight, bias)
+
+    def grad_input(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.workspace.grad_input(grad, self.module.weight)
+
+
 class _Matmul4bit(torch.autograd.Function):
     """x @ dequantize(weight).T (+ bias) for a frozen 4-bit weight: the gradient is for x only."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, workspace: Workspace) -> torch.Tensor:
-        ctx.weight, ctx.workspace, ctx.shape = weight, workspace, x.shape
-        out = workspace.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    def forward(ctx: Any, x: torch.Tensor, frozen: FrozenLinear, bias: Any) -> torch.Tensor:
+        ctx.frozen, ctx.shape = frozen, x.shape
+        out = frozen.forward(x.reshape(-1, x.shape[-1]), bias)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad_x = ctx.workspace.grad_input(grad.reshape(-1, grad.shape[-1]), ctx.weight)
-        return grad_x.view(ctx.shape), None, None, None
+            return None, None, None
+        grad_x = ctx.frozen.grad_input(grad.reshape(-1, grad.shape[-1]))
+        return grad_x.view(ctx.shape), None, None
 
 
 def use_workspace(model: Any) -> Workspace:
@@ -130,40 +146,26 @@ def use_workspace(model: Any) -> Workspace:
     workspace = Workspace()
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
-            module.forward = _forward(module, workspace)
-            module.frozen_linear = _frozen_linear(module, workspace)
+            frozen = FrozenLinear(module, workspace)
+            module.forward = _forward(module, frozen)
+            module.frozen_linear = _frozen_linear(module, frozen)
     return workspace
 
 
-class FrozenLinear:
-    """The matmuls of a frozen layer that edgetune.train.lora builds on: forward, and input gradient."""
-
-    def __init__(self, weight: Any, workspace: Workspace) -> None:
-        self.weight, self.workspace = weight, workspace
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.workspace.linear(x, self.weight, bias)
-
-    def grad_input(self, grad: torch.Tensor) -> torch.Tensor:
-        return self.workspace.grad_input(grad, self.weight)
-
-
-def _frozen_linear(module: Any, workspace: Workspace) -> Any:
+def _frozen_linear(module: Any, frozen: FrozenLinear) -> Any:
     """For edgetune.train.lora: the layer's matmuls in `dtype`, or None if it computes in another."""
     def frozen_linear(dtype: torch.dtype) -> FrozenLinear | None:
-        if module.compute_dtype not in (None, dtype):
-            return None
-        return FrozenLinear(module.weight, workspace)
+        return frozen if module.compute_dtype in (None, dtype) else None
 
     return frozen_linear
 
 
-def _forward(module: Any, workspace: Workspace) -> Any:
+def _forward(module: Any, frozen: FrozenLinear) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if module.compute_dtype is not None:
             x = x.to(module.compute_dtype)
         bias = None if module.bias is None else module.bias.to(x.dtype)
-        return _Matmul4bit.apply(x, module.weight, bias, workspace).to(dtype)
+        return _Matmul4bit.apply(x, frozen, bias).to(dtype)
 
     return forward

@@ -47,7 +47,7 @@ class Loop:
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, tokens seen)."""
-        micro = [self._to_device(self.batches.next()) for _ in range(self.config.grad_accum)]
+        micro = [to_device(self.batches.next(), self.device) for _ in range(self.config.grad_accum)]
         n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         total = 0.0
         self.model.train()
@@ -71,9 +71,6 @@ class Loop:
                                self.batches.pad_id, self.batches.packed, self.device)
         self.model.train()
         return loss
-
-    def _to_device(self, batch: dict) -> dict:
-        return to_device(batch, self.device)
 
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

@@ -10,7 +10,8 @@ op on warm memory, and the step spent a quarter of its time outside matmuls.
 Here the base matmul writes the output and the low-rank product is added into it by `addmm_`; the
 backward pass does the same for the input gradient. The values are those of PEFT's formula, up to
 the order of floating-point additions. Layers this does not cover (dropout, DoRA and other variants,
-several active adapters, mixed dtypes, a base layer with no dense weight) keep PEFT's forward.
+several active adapters, mixed dtypes, a base layer with no frozen matmuls to build on) keep PEFT's
+forward.
 """
 
 from typing import Any, Callable
@@ -63,20 +64,20 @@ class _DenseLinear:
 def fuse_lora(model: Any) -> int:
     """Give every PEFT LoRA linear layer of `model` the fused forward; returns how many there are.
 
-    The fused path runs when the base layer has a dense weight in the input's dtype: a plain
+    The fused path runs when the base layer has frozen matmuls in the input's dtype: a plain
     `torch.nn.Linear`, or a layer with a `frozen_linear(dtype)` method (4-bit layers routed through
     `edgetune.train.fourbit`). Otherwise, and whenever PEFT's own features are in use, the layer
     runs PEFT's forward.
     """
     from peft.tuners.lora import LoraLayer
 
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and _has_dense(m.base_layer)]
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and _has_frozen(m.base_layer)]
     for module in layers:
         module.forward = _forward(module, module.forward)
     return len(layers)
 
 
-def _has_dense(base: Any) -> bool:
+def _has_frozen(base: Any) -> bool:
     return type(base) is torch.nn.Linear or hasattr(base, "frozen_linear")
 
 
