@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import full_length_text, median, run_train, shaped_model, smollm2_dir  # noqa: E402
 
 from edgetune.plan.memory import Setting, breakdown  # noqa: E402
-from edgetune.plan.shape import shape_from_model_dir  # noqa: E402
 from edgetune.plan.timing import cached_gflops, tokens_per_second  # noqa: E402
+from edgetune.shape import shape_from_model_dir  # noqa: E402
 
 # (model, quant, optim, rank, batch, seq_len, checkpointing)
 CONFIGS = [

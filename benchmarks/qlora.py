@@ -60,13 +60,13 @@ def print_table(title: str, results: dict, model: Path, batch: int, seq_len: int
         spread = f"{min(entry['tokens_per_s']):.0f}-{max(entry['tokens_per_s']):.0f}"
         rss_ratio, tps_ratio = (f"{rss / base_rss:.2f}", f"{tps / base_tps:.2f}") if base else ("-", "-")
         print(f"{key:<34}{rss / 2**30:>8.2f} GiB{rss_ratio:>9}{tps:>16.1f}{spread:>16}{tps_ratio:>9}")
-    from edgetune.train.model import cpu_has_bf16
+    from edgetune.hardware import cpu_has_bf16
 
     if not cpu_has_bf16():
         # bf16 matmuls are emulated here (0.2-6 GFLOP/s a thread): a bf16 LoRA step on a 1B model takes
         # tens of minutes, so the bf16 baseline is the planner's prediction, said as such.
         from edgetune.plan.memory import Setting, breakdown
-        from edgetune.plan.shape import shape_from_model_dir
+        from edgetune.shape import shape_from_model_dir
 
         bf16 = breakdown(shape_from_model_dir(model), Setting(
             quant="none", optim="adamw", rank=16, batch_size=batch, seq_len=seq_len, dtype="bf16")).peak
@@ -87,7 +87,8 @@ def shipped_eval_loss(run_dir: Path, eval_file: Path) -> float:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from edgetune.train.data import encode, read_jsonl
+    from edgetune.records import read_jsonl
+    from edgetune.train.data import encode
     from edgetune.train.loop import mean_token_loss
     from edgetune.train.model import load_base
 

@@ -117,7 +117,7 @@ def child_transformers(spec: dict) -> dict:
     """The tutorial path: from_pretrained, get_peft_model, Trainer(use_cpu=True)."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments)
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     s = spec["settings"]
     torch.set_num_threads(s["threads"])

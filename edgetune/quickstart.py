@@ -9,7 +9,6 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edgetune.config import option
 from edgetune.errors import EdgetuneError
@@ -52,9 +51,9 @@ def held_out_accuracy(model_dir: Path, adapter: Path | None, records: list[dict]
 def main(config: QuickstartConfig) -> int:
     from edgetune import models
     from edgetune.examples import dates
-    from edgetune.export.chat import answer
     from edgetune.export.command import main as export_main
     from edgetune.export.config import ExportConfig
+    from edgetune.export.run import answer
     from edgetune.train.command import train
     from edgetune.train.config import TrainConfig
 

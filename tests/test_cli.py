@@ -16,7 +16,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgetune", *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("text", ["8gb", "8GB", "8G", "8GiB", "8 gib", "8192mb"])
+@pytest.mark.parametrize("text", ["8gb", "8GB", "8G", "8GiB", "8 gib", "8 GiB", "8192mb"])
 def test_sizes_are_binary(text):
     assert parse_size(text) == 8 * 2**30
 
@@ -87,10 +87,10 @@ def test_unsupported_architecture_is_refused(tmp_path, alpaca_file):
 
 def main_or_raise(argv: list[str]) -> None:
     """Run a verb in-process, raising its EdgetuneError instead of printing it."""
-    from edgetune.cli import _settings_class, VERBS as verbs
     import importlib
 
-    from edgetune.cli import parser
+    from edgetune.cli import VERBS as verbs
+    from edgetune.cli import _settings_class, parser
     from edgetune.config import overrides_from
 
     args = parser(argv[0]).parse_args(argv)

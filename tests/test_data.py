@@ -4,8 +4,10 @@ import pytest
 from conftest import write_jsonl
 from transformers import AutoTokenizer
 
+from edgetune.constants import IGNORE
 from edgetune.errors import EdgetuneError
-from edgetune.train.data import (IGNORE, Batches, encode, fit_to_length, read_jsonl, split)
+from edgetune.records import read_jsonl
+from edgetune.train.data import Batches, encode, fit_to_length, split
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from edgetune.devices import REQUIRED, SOURCED, BUILTIN_DIR, get, load_file, load_profiles
-from edgetune.devices.selection import (BITS_PER_WEIGHT, InferenceShape, as_shape, choose_export, fits,
-                                        max_context, predict, shape_from_config)
+from edgetune.devices.profiles import BUILTIN_DIR, REQUIRED, SOURCED, get, load_file, load_profiles
+from edgetune.devices.selection import (BITS_PER_WEIGHT, as_shape, choose_export, fits, max_context,
+                                        predict)
 from edgetune.errors import EdgetuneError
+from edgetune.shape import ModelShape, shape_from_config
 
 REQUIRED_DEVICES = ["rpi4-4gb", "rpi4-8gb", "rpi5-8gb", "android-8gb", "iphone-6gb",
                     "jetson-orin-nano-8gb", "laptop-8gb", "laptop-16gb"]
 # SmolLM2-135M's config.json numbers.
-SMOLLM2 = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+SMOLLM2 = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
            "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
            "tie_word_embeddings": True}
 # A 7B llama (Llama-2-7B's numbers): 6.7B parameters.
-LLAMA_7B = {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008,
+LLAMA_7B = {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008,
             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
             "tie_word_embeddings": False}
 
@@ -33,7 +34,7 @@ def no_user_profiles(tmp_path, monkeypatch):
     return user
 
 
-def untied_shape() -> InferenceShape:
+def untied_shape() -> ModelShape:
     return shape_from_config(LLAMA_7B)
 
 
@@ -61,8 +62,7 @@ def test_builtin_profiles_load_with_required_keys_and_sources():
 
 
 def test_parameter_count_matches_smollm2():
-    # 134,515,008 is SmolLM2-135M's parameter count; the shape leaves out its 61 norm vectors.
-    assert shape_from_config(SMOLLM2).params == 134_515_008 - 61 * 576
+    assert shape_from_config(SMOLLM2).params == 134_515_008  # SmolLM2-135M's parameter count
     assert as_shape(SMOLLM2) == shape_from_config(SMOLLM2)
 
 
@@ -70,17 +70,18 @@ def test_prediction_terms():
     shape = shape_from_config(SMOLLM2)
     pi5 = get("rpi5-8gb")
     choice = predict(pi5, shape, 2048, "gguf", "q8_0")
-    assert choice.weights_bytes == int(shape.params * 8.5 / 8)
+    matrices = shape.linear_params + shape.embedding_params  # norms are noise beside them
+    assert choice.weights_bytes == int(matrices * 8.5 / 8)
     assert choice.kv_cache_bytes == 2 * 30 * 3 * 64 * 2 * 2048  # K and V, f16, 2048 positions
     assert choice.total_bytes == choice.weights_bytes + choice.kv_cache_bytes + choice.overhead_bytes
-    read = shape.params * 8.5 / 8 + choice.kv_cache_bytes
+    read = matrices * 8.5 / 8 + choice.kv_cache_bytes
     assert choice.tokens_per_s == pytest.approx(17.1e9 * 0.5 / read)
     # ONNX int8 of a tied model shares one fp32 matrix for embedding and output (onnx_genai.py).
     onnx = predict(pi5, shape, 2048, "onnx", "int8")
-    assert onnx.weights_bytes == int((shape.block_params * 9 + shape.embedding_params * 32) / 8)
+    assert onnx.weights_bytes == int((shape.linear_params * 9 + shape.token_embedding_params * 32) / 8)
     assert onnx.kv_cache_bytes == 2 * choice.kv_cache_bytes  # fp32 cache
     untied = predict(pi5, as_shape(LLAMA_7B), 2048, "onnx", "int4")
-    assert untied.weights_bytes == int((untied_shape().block_params * 5 + untied_shape().embedding_params
+    assert untied.weights_bytes == int((untied_shape().linear_params * 5 + untied_shape().token_embedding_params
                                         * (32 + 5)) / 8)  # fp32 embedding + int4 output projection
 
 
@@ -157,16 +158,12 @@ def test_unknown_device_lists_known_ones():
         fits("rpi9", SMOLLM2, 2048)
 
 
-def test_inference_shape_from_an_object_with_its_fields():
-    shape = InferenceShape(2, 64, 128, 4, 2, 16, 300, False)
+def test_shape_from_a_shape_a_config_or_a_folder(tmp_path):
+    shape = shape_from_config(SMOLLM2, "smollm2")
     assert as_shape(shape) is shape
-    assert fits("rpi5-8gb", shape, 256).choices[0].name == "gguf:q8_0"
-    from edgetune.plan.shape import shape_from_config as planner_shape
-
-    planned = planner_shape(SMOLLM2 | {"model_type": "llama"}, "smollm2")
-    assert as_shape(planned) == shape_from_config(SMOLLM2)
-    assert as_shape(planned).block_params == planned.linear_params
-    assert fits("rpi5-8gb", planned, 2048).fits
+    assert as_shape(SMOLLM2) == shape_from_config(SMOLLM2)
+    assert as_shape(model_dir(tmp_path, SMOLLM2)).linear_params == shape.linear_params
+    assert fits("rpi5-8gb", shape, 2048).fits
 
 
 def test_devices_cli_lists_profiles_without_torch(tmp_path):

@@ -14,11 +14,10 @@ from edgetune.errors import EdgetuneError
 from edgetune.export import gguf as gguf_export
 from edgetune.export.gguf import write_adapter_gguf, write_gguf
 from edgetune.export.gguf_vocab import pre_tokenizer
+from edgetune.export.llama import gguf_logits
 from edgetune.export.merge import merge
 from edgetune.export.quantize import k_quant_note, quantize
-from edgetune.export.verify import gguf_logits
 
-pytest.importorskip("llama_cpp")
 IDS = list(np.random.default_rng(0).integers(3, 300, 129))
 # Tensors per block beyond llama's nine (norms, q/k/v/o, gate/up/down).
 EXTRA_PER_BLOCK = {"llama": 0, "mistral": 0, "qwen2": 3, "qwen3": 2}
@@ -117,7 +116,7 @@ TEXTS = ["The capital of France is Paris.", "Convert March 15, 2024 to 2024-03-1
 def llama_cpp_tokens(path, text: str) -> list[int]:
     from llama_cpp import Llama
 
-    from edgetune.export.quantize import quiet_native_logs
+    from edgetune.export.llama import quiet_native_logs
 
     with quiet_native_logs():
         llm = Llama(str(path), vocab_only=True, verbose=False)
@@ -203,7 +202,7 @@ def test_adapter_over_base_equals_merged(rslora, tiny_model, tmp_path):
 
 def test_adapter_for_another_base_is_refused_at_load(tiny_model, tiny_factory, tmp_path):
     """llama-cpp-python 0.3 would silently run without an adapter llama.cpp refused."""
-    from edgetune.export.verify import load_llama
+    from edgetune.export.llama import load_llama
 
     qwen2 = tiny_factory("qwen2")
     write_adapter_gguf(qwen2, build_adapter(qwen2, tmp_path / "run"), tmp_path / "adapter.gguf")
@@ -271,7 +270,8 @@ def test_smollm2_verification_figures(smollm2_export):
 
 
 def test_verification_rows_and_thresholds():
-    from edgetune.export.verify import Reference, compare, perplexity, require_passed
+    from edgetune.export.verify import Reference, compare, require_passed
+    from edgetune.metrics import perplexity
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(256, 50)).astype(np.float32)

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CORPUS, requires_smollm2
+
 from edgetune.errors import EdgetuneError
 from edgetune.export import onnx_generic
-from edgetune.export.onnx import export_onnx, onnx_logits, read_config, session, step_feed, verify
+from edgetune.export.onnx import export_onnx, read_config, verify
+from edgetune.export.onnx_runtime import onnx_logits, session, step_feed
 
 TEXT = " ".join(CORPUS[:8])
 
@@ -181,7 +182,7 @@ def test_smollm2_int8_is_near_lossless(tmp_path):
 
     from edgetune.models import resolve
 
-    model = resolve("smollm2-135m", "/tmp/etcache")
+    model = resolve("smollm2-135m")
     text = Path(__file__).with_name("conftest.py").read_text()  # English and code, not in the data
     ids = AutoTokenizer.from_pretrained(model)(text)["input_ids"][:384]
     row = export_onnx(model, tmp_path / "onnx", "int8", False, ids)

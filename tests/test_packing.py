@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from edgetune.train.data import IGNORE, SEGMENTS, Example, collate, n_tokens, pack
+from edgetune.constants import IGNORE
+from edgetune.train.data import SEGMENTS, Example, collate, n_tokens, pack
 from edgetune.train.loss import causal_lm_loss
 
 

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
+from edgetune.constants import DEQUANT_BUFFER_ELEMENTS, LOSS_BLOCK_ROWS, LOSS_LOGITS_ELEMENTS
 from edgetune.errors import EdgetuneError
 from edgetune.plan import memory, search
 from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
 from edgetune.plan.memory import Setting, breakdown
-from edgetune.plan.shape import shape_from_config, shape_from_gguf, shape_from_model_dir
-from edgetune.train import fourbit
+from edgetune.shape import shape_from_config, shape_from_gguf, shape_from_model_dir
 
 # Parameter counts the model cards and safetensors indexes state.
 KNOWN_PARAMS = {
@@ -148,13 +148,9 @@ def test_layer_activations_match_autograd_saved_tensors():
 def test_loss_term_is_one_chunk_not_the_whole_batch():
     small = memory.loss_bytes(SHAPE, Setting(batch_size=1, seq_len=64, dtype="fp32"))
     big = memory.loss_bytes(SHAPE, Setting(batch_size=16, seq_len=1024, dtype="fp32"))
-    from edgetune.train import loss
-
-    assert (memory.LOSS_BLOCK_ROWS, memory.LOSS_LOGITS_ELEMENTS) == (loss.BLOCK_ROWS, loss.LOGITS_ELEMENTS)
-    assert memory.WIDEN_ELEMENTS == loss.WIDEN_ELEMENTS
-    rows = memory.LOSS_BLOCK_ROWS
+    rows = LOSS_BLOCK_ROWS
     assert small == 64 * SHAPE.hidden * 16 + 64 * SHAPE.hidden * 4 + 64 * rows * 4
-    assert big - 16 * 1024 * SHAPE.hidden * 16 == memory.LOSS_LOGITS_ELEMENTS * 4 + 1024 * SHAPE.hidden * 4
+    assert big - 16 * 1024 * SHAPE.hidden * 16 == LOSS_LOGITS_ELEMENTS * 4 + 1024 * SHAPE.hidden * 4
     # A narrow output layer adds one widened block of rows.
     narrow = memory.loss_bytes(SHAPE, Setting(quant="nf4", batch_size=1, seq_len=64, dtype="fp32"))
     assert narrow == small + rows * SHAPE.hidden * 4
@@ -165,8 +161,8 @@ def test_dequantized_buffer_only_when_quantized():
     largest = 896 * 4864
     # One shared buffer on the CPU, smaller than this largest weight (edgetune.train.fourbit);
     # bitsandbytes' own copies elsewhere.
-    assert largest > fourbit.BUFFER_ELEMENTS == memory.DEQUANT_BUFFER_ELEMENTS
-    assert memory.temporary_bytes(SHAPE, Setting(quant="nf4", dtype="bf16")) == 2 * fourbit.BUFFER_ELEMENTS
+    assert largest > DEQUANT_BUFFER_ELEMENTS
+    assert memory.temporary_bytes(SHAPE, Setting(quant="nf4", dtype="bf16")) == 2 * DEQUANT_BUFFER_ELEMENTS
     on_gpu = Setting(quant="nf4", dtype="bf16", device="cuda")
     assert memory.temporary_bytes(SHAPE, on_gpu) == memory.DEQUANT_COPIES * 2 * largest
 
@@ -251,9 +247,6 @@ def test_suggestion_for_the_memory_guard():
 
 
 def test_checkpointed_activations_leave_a_heap_residue_only_below_the_lean_threshold():
-    from edgetune.train.memory import LEAN_MMAP_THRESHOLD
-
-    assert memory.LEAN_MMAP_THRESHOLD == LEAN_MMAP_THRESHOLD
     per_layer = sum(memory.layer_activation_bytes(SHAPE, Setting(dtype="fp32")).values())
     for tokens, residue in ((64, memory.CKPT_RESIDUE), (2048, 0.0)):  # 229 KiB and 7 MiB blocks
         setting = Setting(batch_size=1, seq_len=tokens, dtype="fp32", grad_checkpointing=True)

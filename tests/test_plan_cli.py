@@ -4,16 +4,9 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-from edgetune.cli import main, parser
-from edgetune.units import parse_size
 from conftest import requires_smollm2, write_jsonl
 
-
-@pytest.mark.parametrize("text", ["8gb", "8GB", "8G", "8GiB", "8 GiB", "8192mb"])
-def test_sizes_are_binary(text):
-    assert parse_size(text) == 8 * 2**30
+from edgetune.cli import main, parser
 
 
 def test_help_says_which_base_sizes_use():

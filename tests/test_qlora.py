@@ -4,9 +4,10 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
+from edgetune.records import read_jsonl
 from edgetune.train.command import train
 from edgetune.train.config import TrainConfig
-from edgetune.train.data import Batches, encode, read_jsonl
+from edgetune.train.data import Batches, encode
 from edgetune.train.loss import causal_lm_loss
 from edgetune.train.model import add_lora, load_base
 from edgetune.train.optim import make_optimizer
@@ -122,10 +123,10 @@ def bf16_tied_model(tiny_factory, tmp_path_factory):
 
 
 def test_bf16_embeddings_stay_narrow_and_compute_in_fp32(bf16_tied_model, alpaca_file, monkeypatch):
+    from conftest import reference_loss
     from transformers import AutoTokenizer
 
     from edgetune.train import loss as loss_lib
-    from edgetune.train.loss import reference_loss
 
     monkeypatch.setattr(loss_lib, "WIDEN_ELEMENTS", 64 * 50)  # 50 of 300 vocab rows a block
     model = add_lora(load_base(bf16_tied_model, torch.float32, "cpu", "nf4"), 8, 16, 0.0,
@@ -194,22 +195,43 @@ def test_workspace_matmul_matches_bitsandbytes(tiny_model, double_quant):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-6, atol=1e-6)
 
 
+def dequantized_reference(weight) -> torch.Tensor:
+    """bitsandbytes' pure-torch dequantization: quantization blocks run on across rows, as the
+    quantizer made them, whatever the width."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    from edgetune.train.fourbit import _absmax
+
+    state = weight.quant_state
+    packed = weight.data.view(torch.uint8).reshape(-1)
+    return _dequantize_4bit_compute(packed, _absmax(state), _get_4bit_code(state.quant_type, packed.device),
+                                    state.blocksize, state.shape, torch.float32)
+
+
 @pytest.mark.parametrize("out_features,in_features,bias", [(200, 96, True), (64, 576, False)])
 def test_workspace_blocks_of_rows_match_the_whole_weight(out_features, in_features, bias):
     """A buffer smaller than the weight: each block of rows starts on a quantization block, and the
-    output columns and input-gradient sums it makes equal one matmul with the whole weight."""
+    output columns and input-gradient sums it makes equal one matmul with the whole weight. A width
+    that is not a multiple of the quantization block (96 against 64) keeps its blocks across rows."""
     from edgetune.train.fourbit import Workspace
 
     torch.manual_seed(0)
+    dense = torch.nn.Linear(in_features, out_features, bias=bias)
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
                               quant_type="nf4", compress_statistics=True)
-    layer.load_state_dict(torch.nn.Linear(in_features, out_features, bias=bias).state_dict())
+    layer.load_state_dict(dense.state_dict())
     layer = layer.to("cpu").requires_grad_(False)  # quantizes; frozen, as load_base leaves it
-    whole = bnb.functional.dequantize_4bit(layer.weight, layer.weight.quant_state).float()
+    whole = dequantized_reference(layer.weight)
+    # Weights within +-1/sqrt(in): NF4's error is at most half its widest code gap (0.139) times the
+    # block's absmax, plus a little for the 8-bit absmax of double quantization. Reading the blocks
+    # row by row (bitsandbytes' CPU call at width 96) breaks this bound.
+    assert (whole - dense.weight).abs().max() < 0.16 / in_features**0.5
     workspace = Workspace(elements=3000)  # a few rows per block, not a multiple of 64 elements
-    blocks = [(first, len(rows)) for first, rows in workspace.blocks(layer.weight, torch.float32)]
+    blocks = [(first, rows.clone()) for first, rows in workspace.blocks(layer.weight, torch.float32)]
     assert len(blocks) > 3 and all(first * in_features % 64 == 0 for first, _ in blocks)
-    assert sum(count for _, count in blocks) == out_features
+    assert sum(len(rows) for _, rows in blocks) == out_features
+    torch.testing.assert_close(torch.cat([rows for _, rows in blocks]), whole, rtol=0, atol=0)
     x, grad = torch.randn(7, in_features), torch.randn(7, out_features)
     torch.testing.assert_close(workspace.linear(x, layer.weight, layer.bias),
                                torch.nn.functional.linear(x, whole, layer.bias), rtol=1e-6, atol=1e-6)

@@ -1,7 +1,8 @@
 """`edgetune devices`: the device profiles as a table, or one profile with its sources."""
 
-from edgetune.devices import Profile, get, load_profiles, user_dir
 from edgetune.devices.config import DevicesConfig
+from edgetune.devices.profiles import Profile, get, load_profiles, user_dir
+from edgetune.tables import columns
 from edgetune.units import format_size
 
 
@@ -10,18 +11,13 @@ def _row(p: Profile) -> tuple[str, ...]:
             f"{p.memory_bandwidth_gbs:g} GB/s", ", ".join(p.runtimes), p.description)
 
 
-def _columns(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-
-
 def table(profiles: list[Profile], fit_column: list[str] | None = None) -> str:
     """Profiles as aligned columns; `fit_column` adds what fits each one."""
     head = ("device", "RAM", "one app", "cores", "bandwidth", "runtimes", "description")
     rows = [head] + [_row(p) for p in profiles]
     if fit_column is not None:
         rows = [r[:-1] + (f,) for r, f in zip(rows, ["fits (predicted decode)"] + fit_column)]
-    return _columns(rows)
+    return columns(rows)
 
 
 def details(p: Profile) -> str:

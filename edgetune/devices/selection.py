@@ -10,12 +10,12 @@ on CPUs and small boards it is bound by memory bandwidth, not arithmetic. The KV
 the full context: the prediction is for the end of a long conversation, the slowest point.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetune.devices import Profile, get, load_profiles
+from edgetune.devices.profiles import Profile, get, load_profiles
 from edgetune.errors import EdgetuneError
+from edgetune.shape import ModelShape, shape_from_config, shape_from_model_dir
 from edgetune.units import format_size
 
 # Bits per weight, scales included. GGUF: ggml's block layouts (q8_0: 32 int8 + one f16 scale per
@@ -35,66 +35,18 @@ RUNTIME_BASE = {"gguf": 64 * 2**20, "onnx": 128 * 2**20, "onnx-generic": 128 * 2
 PREFILL_BATCH = 512
 
 
-@dataclass(frozen=True)
-class InferenceShape:
-    """What the inference memory and speed depend on; read from a config.json."""
-
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool  # input embedding and output projection share one matrix
-
-    @property
-    def block_params(self) -> int:
-        """Parameters of the linear layers of all decoder blocks (norms and biases are noise)."""
-        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return self.layers * (attention + 3 * self.hidden * self.intermediate)
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.block_params + self.embedding_params * (1 if self.tied else 2)
-
-    def kv_bytes_per_token(self, element_bytes: int) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * element_bytes
+def shape_from_folder(model_dir: Path) -> ModelShape:
+    """The shape of an HF model folder, from its config.json."""
+    return shape_from_model_dir(model_dir)
 
 
-def shape_from_config(config: dict) -> InferenceShape:
-    """The shape of a Hugging Face config.json (as a dict)."""
-    heads = config["num_attention_heads"]
-    return InferenceShape(
-        layers=config["num_hidden_layers"], hidden=config["hidden_size"],
-        intermediate=config["intermediate_size"], heads=heads,
-        kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)))
-
-
-def shape_from_folder(model_dir: Path) -> InferenceShape:
-    file = Path(model_dir) / "config.json"
-    if not file.is_file():
-        raise EdgetuneError(f"{model_dir} has no config.json: pass a Hugging Face model folder")
-    return shape_from_config(json.loads(file.read_text()))
-
-
-def as_shape(shape) -> InferenceShape:
-    """An InferenceShape from itself, a config dict, a model folder or an object with its fields."""
-    if isinstance(shape, InferenceShape):
+def as_shape(shape) -> ModelShape:
+    """A ModelShape from itself, a config.json dict or a model folder."""
+    if isinstance(shape, ModelShape):
         return shape
     if isinstance(shape, dict):
         return shape_from_config(shape)
-    if isinstance(shape, (str, Path)):
-        return shape_from_folder(Path(shape))
-    # The planner's ModelShape (edgetune/plan/shape.py) has these fields under the same names.
-    names = InferenceShape.__dataclass_fields__
-    return InferenceShape(**{name: getattr(shape, name) for name in names})
+    return shape_from_folder(Path(shape))
 
 
 @dataclass(frozen=True)
@@ -127,12 +79,12 @@ def predict(profile: Profile, shape, ctx: int, fmt: str, quant: str) -> Choice:
     shape = as_shape(shape)
     bits = BITS_PER_WEIGHT[fmt][quant]
     stored_bits, output_bits = _embedding_bits(fmt, quant, shape.tied, bits)
-    weights = (shape.block_params * bits + shape.embedding_params * stored_bits) / 8
+    weights = (shape.linear_params * bits + shape.token_embedding_params * stored_bits) / 8
     kv = shape.kv_bytes_per_token(KV_BYTES[fmt]) * ctx
     scratch = PREFILL_BATCH * (shape.vocab + 4 * shape.hidden + 2 * shape.intermediate) * 4
     overhead = RUNTIME_BASE[fmt] + scratch
     # Per decoded token: every block weight and the output projection, plus the whole cache.
-    read = (shape.block_params * bits + shape.embedding_params * output_bits) / 8 + kv
+    read = (shape.linear_params * bits + shape.token_embedding_params * output_bits) / 8 + kv
     bandwidth = profile.memory_bandwidth_gbs * 1e9 * profile.bandwidth_efficiency
     return Choice(fmt, quant, int(weights), int(kv), int(overhead), bandwidth / read)
 
@@ -175,7 +127,7 @@ class TargetFit:
 def fits(profile_name: str, shape, ctx: int) -> TargetFit:
     """Which exports of `shape` fit `profile_name` with a `ctx`-token context (never raises for size).
 
-    `shape` is an InferenceShape, a config.json dict, a model folder, or the planner's ModelShape.
+    `shape` is a ModelShape, a config.json dict or a model folder.
     Within each format the largest quantization that fits wins, 8-bit first.
     """
     if ctx < 1:
@@ -184,7 +136,7 @@ def fits(profile_name: str, shape, ctx: int) -> TargetFit:
     return _fit(profile, as_shape(shape), ctx)
 
 
-def _fit(profile: Profile, shape: InferenceShape, ctx: int) -> TargetFit:
+def _fit(profile: Profile, shape: ModelShape, ctx: int) -> TargetFit:
     choices, smallest = [], None
     for fmt in profile.formats:
         fitting = None
@@ -214,7 +166,7 @@ def choose_export(profile_name: str, model_dir: Path, ctx: int) -> list[str]:
     return [target.choices[0].name]
 
 
-def max_context(profile: Profile, shape: InferenceShape) -> int:
+def max_context(profile: Profile, shape: ModelShape) -> int:
     """The longest context (a multiple of 256) at which some export fits `profile`, 0 if none."""
     best = 0
     for fmt in profile.formats:
@@ -226,7 +178,7 @@ def max_context(profile: Profile, shape: InferenceShape) -> int:
     return int(best)
 
 
-def refusal(target: TargetFit, shape: InferenceShape) -> str:
+def refusal(target: TargetFit, shape: ModelShape) -> str:
     """The one-line error when nothing fits: what it needs, and the context or device that would work."""
     message = (f"the model {target.summary()}")
     hints = []

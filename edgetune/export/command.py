@@ -14,30 +14,7 @@ import yaml
 from edgetune import models
 from edgetune.errors import EdgetuneError
 from edgetune.export.config import ExportConfig
-
-RUN_CONFIG = "edgetune_run.yaml"  # written by `edgetune train`
-# Held-out text when the run has no eval data: educational prose like the web text small models are
-# trained on, over 256 tokens in any common tokenizer. (On harder text, e.g. fiction, a 135M model has
-# many near-tied next tokens and q8_0 top-1 agreement drops to ~96% from rounding alone.)
-HELD_OUT_TEXT = """\
-Water moves through the environment in a continuous cycle. The heat of the sun causes water in \
-oceans, lakes and rivers to evaporate and rise into the atmosphere as water vapor. As the vapor \
-rises, it cools and condenses into tiny droplets that form clouds. When the droplets grow large \
-enough, they fall back to the ground as rain or snow. This process is called precipitation. Some of \
-the water flows over the surface of the land into streams and rivers, which carry it back to the \
-ocean. Some of it soaks into the soil and becomes groundwater, which can stay underground for \
-thousands of years. Plants also play an important role in the water cycle. They take up water \
-through their roots and release it into the air through small openings in their leaves, a process \
-known as transpiration.
-The water cycle is important for life on Earth because it provides fresh water for people, animals \
-and plants. It also helps to regulate the temperature of the planet by moving heat from one place to \
-another. Scientists study the water cycle to understand how changes in the climate may affect the \
-amount of rain that falls in different regions. For example, warmer temperatures can increase \
-evaporation, which may lead to more intense storms in some areas and longer droughts in others. By \
-learning how water moves through the environment, communities can plan better ways to store and \
-protect their water supply for the future. Simple steps such as fixing leaks, collecting rain water \
-and planting trees near rivers all help to keep the cycle healthy.
-"""
+from edgetune.runfiles import ADAPTER_CONFIG, RUN_CONFIG
 
 
 @dataclass(frozen=True)
@@ -52,7 +29,7 @@ class Source:
 
 def read_source(config: ExportConfig) -> Source:
     """Interpret RUN: an `edgetune train` folder, a bare PEFT adapter folder, or a plain model."""
-    from edgetune.export.merge import ADAPTER_CONFIG, is_adapter_dir, read_adapter_config
+    from edgetune.export.merge import is_adapter_dir, read_adapter_config
 
     run = Path(config.run).expanduser()
     if (run / RUN_CONFIG).is_file():
@@ -97,37 +74,6 @@ def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
     return formats
 
 
-def held_out_ids(tokenizer, eval_data: str | None, positions: int) -> list[int]:
-    """positions + 1 token ids: the run's eval data where it has enough, then the built-in text."""
-    from edgetune.export.verify import check_positions
-
-    ids: list[int] = []
-    if eval_data and Path(eval_data).is_file():
-        from edgetune.train.data import encode, read_jsonl
-
-        fmt, records = read_jsonl(eval_data)
-        for example in encode(tokenizer, fmt, records):
-            ids += example.input_ids
-            if len(ids) > positions:
-                break
-    elif eval_data:
-        print(f"edgetune: eval data {eval_data} not found; verifying on the built-in English text")
-    if len(ids) <= positions:
-        ids += tokenizer(HELD_OUT_TEXT, add_special_tokens=False)["input_ids"]
-    check_positions(len(ids), positions)
-    return ids[: positions + 1]
-
-
-def chat_stops(tokenizer) -> list[str]:
-    """Texts that end a reply: the end-of-turn token of the chat template, then eos."""
-    from edgetune.export.gguf_vocab import END_OF_TURN
-
-    template = tokenizer.chat_template or ""
-    vocab = tokenizer.get_vocab()
-    stops = [t for t in END_OF_TURN if t in template and t in vocab][:1]
-    return list(dict.fromkeys(stops + ([tokenizer.eos_token] if tokenizer.eos_token else [])))
-
-
 def _publish(tmp: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after that succeeded."""
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
@@ -151,7 +97,7 @@ def main(config: ExportConfig) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        from edgetune.export.files import export_files
+        from edgetune.export.pipeline import export_files
 
         rows = export_files(config, source, tmp, formats)
         _publish(tmp, out)

@@ -6,11 +6,12 @@ halves of each head, so q_proj and k_proj rows (and an adapter's lora_b for them
 llama and mistral. qwen2 and qwen3 use NEOX rotary in llama.cpp, which matches HF: no permutation.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
+from edgetune.hf import read_config, weight_files
+from edgetune.shape import head_dim
 
 # Types written directly by this module; lower-bit types go through quantize.py from the f16 file.
 DIRECT_TYPES = ("f16", "bf16", "q8_0")
@@ -41,10 +42,6 @@ def architecture(config: dict) -> Arch:
     return ARCHITECTURES[model_type]
 
 
-def read_config(model_dir: Path) -> dict:
-    return json.loads((Path(model_dir) / "config.json").read_text())
-
-
 def _rope_params(config: dict) -> dict:
     return config.get("rope_parameters") or config.get("rope_scaling") or {}
 
@@ -58,10 +55,6 @@ def _rope(config: dict) -> tuple[float, str, float]:
         raise EdgetuneError(f"rope type {kind!r} is not supported for GGUF export; "
                             f"supported: {', '.join(ROPE_TYPES)}")
     return float(theta), kind, float(params.get("factor", 1.0))
-
-
-def head_dim(config: dict) -> int:
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
 def add_hparams(writer, config: dict) -> None:
@@ -167,8 +160,6 @@ def _hf_tensors(model_dir: Path):
     """(name, fp32 numpy array) of every weight, one at a time."""
     import torch
     from safetensors import safe_open
-
-    from edgetune.export.merge import weight_files
 
     for file in weight_files(Path(model_dir)):
         with safe_open(str(file), framework="pt") as f:

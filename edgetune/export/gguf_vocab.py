@@ -110,3 +110,11 @@ def add_vocab(writer, model_dir: Path, n_vocab: int) -> None:
     eot = end_of_turn(tokens, template, special.special_token_ids.get("eos"))
     if eot is not None:
         writer.add_eot_token_id(eot)
+
+
+def chat_stops(tokenizer) -> list[str]:
+    """Texts that end a reply: the end-of-turn token of the chat template, then eos."""
+    template = tokenizer.chat_template or ""
+    vocab = tokenizer.get_vocab()
+    stops = [t for t in END_OF_TURN if t in template and t in vocab][:1]
+    return list(dict.fromkeys(stops + ([tokenizer.eos_token] if tokenizer.eos_token else [])))

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
+from edgetune.hf import read_config, weight_files
+from edgetune.runfiles import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Files copied unchanged from the base folder into the merged one (weights are rewritten).
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json",
@@ -93,19 +93,6 @@ def load_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
     return pairs
 
 
-def weight_files(base_dir: Path) -> list[Path]:
-    """The safetensors files of an HF folder (one, or the shards its index names)."""
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [base_dir / n for n in names]
-    single = base_dir / "model.safetensors"
-    if not single.is_file():
-        raise EdgetuneError(f"{base_dir}: no model.safetensors "
-                            "(only safetensors checkpoints are supported)")
-    return [single]
-
-
 def merged_tensor(name: str, weight, pair: LoraPair | None):
     """`weight` in fp32 plus the pair's update, refusing a NaN or infinite result."""
     import torch
@@ -129,7 +116,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     pairs = load_adapter(adapter_dir)
-    config = json.loads((base_dir / "config.json").read_text())
+    config = read_config(base_dir)
     files = weight_files(base_dir)
     layout: dict[str, tuple[Path, list[int]]] = {}
     for file in files:

@@ -8,7 +8,7 @@ get no TEMPLATE line and a comment saying so, rather than a guess that formats c
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
-from edgetune.export.chat import render_template
+from edgetune.export.run import render_template
 
 CHATML_GO = '''{{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>

@@ -3,7 +3,7 @@
 The builder writes genai_config.json, model.onnx(+.data) with a KV cache and fused
 GroupQueryAttention, and the tokenizer with its chat template. int8 and int4 are weight-only
 MatMulNBits blocks of 32 with accuracy_level 4 (int8 activations on CPU), the builder's CPU default;
-accuracy_level 1 (fp32 activations) has no fast 8-bit kernel and decoded at under 1 tok/s.
+accuracy_level 1 (fp32 activations) has no fast 8-bit kernel and decodes far slower (docs/export.md).
 """
 
 import contextlib
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
-from edgetune.export.onnx import quiet_quantizer
+from edgetune.export.onnx_runtime import quiet_quantizer
 
 
 def build(model_dir: Path, out_dir: Path, precision: str) -> None:
@@ -49,8 +49,8 @@ def _options(model_dir: Path, precision: str) -> list[str]:
     if precision == "int8" and tied:
         # int8 cannot share a quantized matrix with the embedding's Gather, so the builder would store
         # an fp32 embedding plus an int8 copy as the output projection. Leaving the projection in fp32
-        # lets both share one matrix: on SmolLM2-135M 224 instead of 255 MiB and top-1 agreement
-        # 97.6% instead of 96.7% (logits come out of fp32 activations), for ~20% slower decoding.
+        # lets both share one matrix: a smaller file that agrees better with torch (logits come out of
+        # fp32 activations), for somewhat slower decoding (docs/export.md).
         options.append("nodes_to_exclude=/lm_head/MatMul")
     return options
 

@@ -4,8 +4,8 @@ For runtimes other than onnxruntime-genai (onnxruntime alone, transformers.js-st
 engines): plain ONNX ops, inputs input_ids, attention_mask, position_ids and
 past_key_values.N.key/value, outputs logits and present.N.key/value, the names the genai folder uses.
 int8 and int4 are weight-only MatMulNBits blocks of 32 with accuracy_level 4; onnxruntime's
-`quantize_dynamic` also quantizes activations per tensor and agreed with torch on as few as 11% of
-next tokens on SmolLM2-135M, so it is not used.
+`quantize_dynamic` also quantizes activations per tensor and lost most next-token agreement with
+torch on SmolLM2-135M (docs/export.md), so it is not used.
 """
 
 import contextlib
@@ -129,7 +129,7 @@ def _quantize(src: Path, dst: Path, bits: int) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from edgetune.export.onnx import quiet_quantizer
+    from edgetune.export.onnx_runtime import quiet_quantizer
 
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=32, is_symmetric=True,
                                      accuracy_level=4)
@@ -144,7 +144,7 @@ def _quantize(src: Path, dst: Path, bits: int) -> None:
 
 def decode(out_dir: Path, prompt: list[int], n_tokens: int, config: dict) -> tuple[list[int], float]:
     """Greedy-decode `n_tokens` after `prompt` with onnxruntime and the KV cache: (tokens, tokens/s)."""
-    from edgetune.export.onnx import session, step_feed
+    from edgetune.export.onnx_runtime import session, step_feed
 
     sess = session(out_dir / "model.onnx")
     names = [o.name for o in sess.get_outputs()]

@@ -5,15 +5,12 @@ k-quants work on blocks of 256 values per row; when a model's width is not a mul
 not really q4_k_m. `quantize` says so in its notes.
 """
 
-import contextlib
 import ctypes
-import os
-import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
+from edgetune.export.llama import last_line, quiet_native_logs
 
 # Our name -> llama.cpp's LLAMA_FTYPE_* constant name.
 LLAMA_TYPES = {
@@ -32,29 +29,6 @@ def _llama_cpp():
         raise EdgetuneError("GGUF types below 8 bits need llama-cpp-python: "
                             "pip install llama-cpp-python") from None
     return llama_cpp
-
-
-@contextlib.contextmanager
-def quiet_native_logs():
-    """Keep what llama.cpp's C code prints on stderr off the screen; yields a function that returns it.
-
-    Its lines explain a failed load (e.g. an adapter tensor of the wrong shape), so callers put the
-    last of them into their error message instead of throwing them away.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield lambda: (log.seek(0), log.read().decode(errors="replace"))[1]
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def k_quant_note(out_type: str, widths: list[int], written: Counter) -> str:

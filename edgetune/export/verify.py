@@ -5,15 +5,15 @@ rounding, a wrong rotary permutation, a wrong hyper-parameter. f16/bf16 must agr
 top-1 token at >= 99% of positions and q8_0 at >= 97%; lower-bit types are reported, not failed.
 """
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
+from edgetune.export.llama import gguf_logits
 from edgetune.export.report import Verification
+from edgetune.metrics import perplexity
 
 TOP1_THRESHOLDS = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.97}
-DECODE_TOKENS = 32
 # Below these a sub-8-bit file has changed the model enough to say so in words.
 _HURTS_PPL_RATIO = 1.10
 _HURTS_TOP1 = 0.90
@@ -32,16 +32,6 @@ class Reference:
         return len(self.ids) - 1
 
 
-def perplexity(logits, targets) -> float:
-    """exp(mean negative log-likelihood) of `targets` under `logits` [n, vocab]."""
-    import numpy as np
-
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return float(np.exp(-log_probs[np.arange(len(targets)), targets].mean()))
-
-
 def torch_reference(model_dir: Path, ids: list[int]) -> Reference:
     """Run the HF model in fp32 over `ids` once; the baseline every exported file is held to."""
     import torch
@@ -53,57 +43,6 @@ def torch_reference(model_dir: Path, ids: list[int]) -> Reference:
         logits = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
     del model
     return Reference(list(ids), logits, perplexity(logits, ids[1:]))
-
-
-def load_llama(path: Path, n_ctx: int, lora: Path | None = None, logits_all: bool = True):
-    """A llama-cpp-python model over `path` (and a LoRA adapter GGUF), with llama.cpp's logging off."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise EdgetuneError("checking or running GGUF files needs llama-cpp-python: "
-                            "pip install llama-cpp-python") from None
-    from edgetune.export.quantize import quiet_native_logs
-
-    adapter = f" with adapter {Path(lora).name}" if lora else ""
-    with quiet_native_logs():  # some context warnings bypass verbose=False
-        try:
-            llm = Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                        lora_path=str(lora) if lora else None)
-        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "did not load"
-            raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}{adapter}: {exc}") from None
-    # llama-cpp-python 0.3 checks the adapter handle against None, but a failed load returns a NULL
-    # pointer, so a mismatched adapter would be dropped silently.
-    if lora and not getattr(llm, "_lora_adapter", True):
-        llm.close()
-        raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}{adapter}: the adapter's tensors "
-                            "do not fit this model (was it made for another base?)")
-    return llm
-
-
-def _decode_speed(llm, prompt: list[int]) -> float:
-    """Greedy decode tokens per second after a short prompt (what a chat user waits on)."""
-    import numpy as np
-
-    llm.reset()
-    llm.eval(prompt[:8])
-    start = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
-    return DECODE_TOKENS / (time.perf_counter() - start)
-
-
-def gguf_logits(path: Path, ids: list[int], lora: Path | None = None) -> tuple["object", float]:
-    """(next-token logits [len(ids) - 1, vocab], decode tokens/s) of a GGUF file in llama.cpp."""
-    import numpy as np
-
-    llm = load_llama(path, n_ctx=len(ids) + DECODE_TOKENS + 16, lora=lora)
-    try:
-        llm.eval(ids)
-        logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float32)
-        speed = _decode_speed(llm, ids)
-    finally:
-        llm.close()
-    return logits, speed
 
 
 def compare(file: str, fmt: str, out_type: str, logits, reference: Reference, size_bytes: int,
@@ -154,8 +93,3 @@ def require_passed(rows: list[Verification]) -> None:
                  + (f" ({r.note})" if r.note else "") for r in failed]
         raise EdgetuneError("verification failed: " + "; ".join(parts) + "; nothing was written")
 
-
-def check_positions(n_ids: int, positions: int) -> None:
-    if n_ids < positions + 1:
-        raise EdgetuneError(f"held-out text has {n_ids} tokens but --positions {positions} needs "
-                            f"{positions + 1}; lower --positions or give longer eval data")

@@ -5,7 +5,7 @@ against the counts the model cards state.
 """
 
 from edgetune.errors import EdgetuneError
-from edgetune.plan.shape import ModelShape, shape_from_config
+from edgetune.shape import ModelShape, shape_from_config
 
 
 def _cfg(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,

@@ -14,7 +14,8 @@ from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
 from edgetune.plan.config import PlanConfig
 from edgetune.plan.lengths import Lengths, choose_seq_len, measure
 from edgetune.plan.memory import SAFETY_MARGIN, Setting
-from edgetune.plan.shape import ModelShape, shape_from_gguf, shape_from_model_dir
+from edgetune.shape import ModelShape, shape_from_gguf, shape_from_model_dir
+from edgetune.tables import columns
 from edgetune.units import format_size
 
 DEFAULT_SEQ_LEN = 512
@@ -68,7 +69,7 @@ def compute_dtype(config: PlanConfig) -> str:
         return config.dtype
     if config.device == "cuda":
         return "bf16"  # every GPU small enough to plan for since Ampere has bf16
-    from edgetune.train.model import cpu_has_bf16  # reads /proc/cpuinfo; imports no torch
+    from edgetune.hardware import cpu_has_bf16
 
     return "bf16" if cpu_has_bf16() else "fp32"
 
@@ -196,9 +197,7 @@ def _catalogue(config: PlanConfig, gflops: dict | None) -> int:
                           "models": records}, indent=2))
         return 0
     header = ("model", "params", "fits", "plan", "memory", "tok/s")
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     print(f"{config.budget_flag} {format_size(config.budget_bytes)} (binary units), seq-len {seq_len}, "
           f"effective batch {config.batch}; memory is the {PEAK_NOTE} plus {SAFETY_MARGIN:.0%}")
-    for row in [header] + rows:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(columns([header] + rows))
     return 0

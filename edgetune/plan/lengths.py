@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetune.train.data import read_jsonl, to_messages
+from edgetune.records import read_jsonl, to_messages
 
 CHARS_PER_TOKEN = 4.0  # English text with a modern BPE vocabulary
 # Chat-template tokens around each message (role markers, separators), for the estimate.

@@ -12,7 +12,9 @@ bitsandbytes 0.50) and is checked by benchmarks/planner_accuracy.py.
 
 from dataclasses import dataclass, field
 
-from edgetune.plan.shape import DTYPE_BYTES, ModelShape
+from edgetune.constants import (DEQUANT_BUFFER_ELEMENTS, LEAN_MMAP_THRESHOLD, LOSS_BLOCK_ROWS,
+                                LOSS_LOGITS_ELEMENTS, WIDEN_ELEMENTS)
+from edgetune.shape import DTYPE_BYTES, ModelShape
 
 MiB = 2**20
 # Resident memory of the runtime itself after importing torch + transformers + peft and building the
@@ -26,20 +28,13 @@ SAFETY_MARGIN = 0.10
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_DQ_BLOCK = 256  # double quantization: absmax values quantized to 8 bits in blocks of 256
 OPTIM_8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizer state: one fp32 scale per 256 values
-# The trainer's loss (edgetune.train.loss): blocks of 4096 vocabulary rows, 2**22 fp32 logits each.
-LOSS_BLOCK_ROWS = 4096
-LOSS_LOGITS_ELEMENTS = 2**22
 # Loading with conversion: linear weights in flight at once (read, widened, quantized), in units of
 # the largest one in the compute dtype (fitted on a Llama-3.2-1B shape loading to nf4).
 LOAD_IN_FLIGHT = 3
-# A narrow output layer is widened this many elements at a time by the loss (edgetune.train.loss).
-WIDEN_ELEMENTS = 2**23
 # Calibrated on measured runs (see the module docstring): gradient tensors of intermediate width in
 # flight during one layer's backward pass, and dequantized copies of the largest 4/8-bit weight.
 BACKWARD_I_COPIES = 4
 DEQUANT_COPIES = 2
-# On the CPU, 4-bit layers dequantize into one buffer of this many elements (edgetune.train.fourbit).
-DEQUANT_BUFFER_ELEMENTS = 2**22
 # Measured peak over saved activation bytes without checkpointing (fitted, see activation_bytes),
 # with edgetune's fused LoRA layers and with PEFT's own forward (fitted before the fused layers).
 HEAP_FACTOR = 1.5
@@ -50,10 +45,8 @@ PEFT_HEAP_FACTOR = 1.9
 # two cases as the heap factor.
 CKPT_RESIDUE = 0.15
 PEFT_CKPT_RESIDUE = 0.55
-LEAN_MMAP_THRESHOLD = 2**20  # edgetune.train.memory.LEAN_MMAP_THRESHOLD
 # A CUDA context and its kernels take VRAM outside torch's allocator (not measured on this machine).
 CUDA_CONTEXT_BYTES = 500 * MiB
-COMPUTE_DTYPES = ("bf16", "fp32")
 QUANTS = ("none", "int8", "nf4")
 OPTIMS = ("adamw", "adamw8bit")
 

@@ -6,11 +6,11 @@ micro-batch up to the target batch). Gradient accumulation makes up the rest of 
 """
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from edgetune.errors import EdgetuneError
 from edgetune.plan.memory import OPTIMS, QUANTS, Breakdown, Setting, breakdown
-from edgetune.plan.shape import ModelShape
+from edgetune.shape import ModelShape
 from edgetune.units import format_size
 
 RANKS = (64, 32, 16, 8, 4)
@@ -124,13 +124,6 @@ def alternatives(plans: list[Plan], chosen: Plan, n: int = 3) -> list[Plan]:
         if len(out) == n:
             break
     return out
-
-
-def with_seq_len(plan: Plan, shape: ModelShape, seq_len: int) -> Plan:
-    """The same setting at another sequence length, its memory recomputed."""
-    setting = Setting(plan.quant, plan.rank, plan.batch_size, seq_len, plan.grad_checkpointing,
-                      plan.optim, plan.dtype)
-    return replace(plan, seq_len=seq_len, memory=breakdown(shape, setting))
 
 
 def suggestion(shape: ModelShape, budget_bytes: int, *, seq_len: int, target_batch: int,

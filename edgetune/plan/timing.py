@@ -12,15 +12,13 @@ import sys
 from pathlib import Path
 
 from edgetune.plan.memory import Setting, compute_bytes
-from edgetune.plan.shape import ModelShape
+from edgetune.shape import ModelShape
 
-# Share of the calibration matmul's speed (256x1024 @ 1024x1024) a training step reaches, fitted on
-# the medians of benchmarks/planner_accuracy.py (12 runs, fp32, a quiet 2-core AVX2 machine at 91
-# GFLOP/s): unquantized runs reached 0.58-1.04 of it (the smallest batches lowest), nf4 runs
-# 0.48-0.86 (bitsandbytes' CPU path dequantizes each weight on every call), the int8 run 0.68.
+# Share of the calibration matmul's speed (256x1024 @ 1024x1024) a training step reaches, by base
+# quantization, fitted on benchmarks/planner_accuracy.py's medians (docs/planner.md).
 EFFICIENCY = {"none": 0.85, "int8": 0.7, "nf4": 0.75}
-# With checkpointing the trainer maps every block of 1 MiB or more afresh (edgetune.train.memory.
-# lean_heap): 0.60-0.78 of the speed with the default heap on SmolLM2 and a Llama-3.2-1B shape.
+# With checkpointing the trainer maps every block of 1 MiB or more afresh (edgetune.train.heap.
+# lean_heap), which costs speed; fitted the same way.
 LEAN_HEAP_EFFICIENCY = 0.7
 # Used when the machine was never calibrated: a guess for an idle 2-core laptop, said as such.
 DEFAULT_GFLOPS = {"bf16": 20.0, "fp32": 20.0}

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # config last: it marks whole
+from edgetune.runfiles import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKPOINTS
+
+ADAPTER_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)  # config last: it marks the adapter whole
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -34,7 +36,7 @@ def set_rng_state(state: dict) -> None:
 
 def save(run_dir: Path, step: int, model: Any, extra: dict, keep: int) -> Path:
     """Write checkpoint `step` atomically and prune all but the `keep` most recent."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,7 +53,7 @@ def save(run_dir: Path, step: int, model: Any, extra: dict, keep: int) -> Path:
 
 def completed(run_dir: Path) -> list[Path]:
     """Whole checkpoints, oldest first (temporary folders of an interrupted write are ignored)."""
-    root = run_dir / "checkpoints"
+    root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.pt").is_file()]

@@ -12,11 +12,12 @@ import yaml
 from edgetune import models
 from edgetune.config import as_dict
 from edgetune.errors import EdgetuneError
+from edgetune.records import read_jsonl
+from edgetune.runfiles import RUN_CONFIG, TOKENIZER
 from edgetune.train.config import TrainConfig
-from edgetune.train.data import Batches, encode, fit_to_length, read_jsonl, split
+from edgetune.train.data import Batches, encode, fit_to_length, split
 from edgetune.units import parse_size
 
-RUN_CONFIG = "edgetune_run.yaml"
 # Settings a resumed run may change; everything else is taken from the run it continues.
 RESUMABLE = {"resume", "force", "progress", "threads", "ram", "save_every", "keep_checkpoints",
              "cache_dir", "output"}
@@ -38,8 +39,8 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     import torch
 
     from edgetune.train import model as model_lib
+    from edgetune.train.heap import MemoryGuard, lean_heap
     from edgetune.train.loop import Loop
-    from edgetune.train.memory import MemoryGuard, lean_heap
     from edgetune.train.optim import cosine_schedule, make_optimizer
 
     run_dir = Path(config.output)
@@ -85,8 +86,11 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     elif not summary.interrupted:
         from edgetune.train.checkpoint import save_adapter
 
+        from edgetune.train.curves import update
+
         save_adapter(run_dir, model)
-        tokenizer.save_pretrained(run_dir / "tokenizer")
+        tokenizer.save_pretrained(run_dir / TOKENIZER)
+        update(run_dir, title=config.output)
         _report(summary, run_dir)
     return summary
 
@@ -155,7 +159,7 @@ def load_examples(config: TrainConfig, tokenizer: Any, records: dict | None = No
 
 
 def _plan_inputs(config: TrainConfig, model_dir: Path, dtype: Any) -> tuple:
-    from edgetune.plan.shape import shape_from_model_dir
+    from edgetune.shape import shape_from_model_dir
 
     return shape_from_model_dir(model_dir), parse_size(config.ram), str(dtype).endswith("bfloat16")
 

@@ -1,20 +1,18 @@
-"""JSONL training data: alpaca, chat messages or plain text, tokenized with the model's chat template.
+"""Training examples from JSONL records (edgetune.records): tokenized with the model's chat template,
+truncated, split and batched.
 
-The format is detected per file from its first record and every record must match it. Chat and alpaca
-records are rendered with the chat template and only the assistant's tokens carry loss; text records
-carry loss on every token.
+Chat and alpaca records are rendered with the chat template and only the assistant's tokens carry
+loss; text records carry loss on every token.
 """
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from edgetune.constants import IGNORE
 from edgetune.errors import EdgetuneError
+from edgetune.records import to_messages
 
-IGNORE = -100
-FORMATS = ("alpaca", "chat", "text")
 SEGMENTS = "segment_bounds"  # packed batches: example boundaries (0, end_1, ..., end_n) in the row
 
 
@@ -22,82 +20,6 @@ SEGMENTS = "segment_bounds"  # packed batches: example boundaries (0, end_1, ...
 class Example:
     input_ids: list[int]
     labels: list[int]
-
-
-def read_jsonl(path: str | Path) -> tuple[str, list[dict]]:
-    """The detected format and the records of a JSONL file; a bad line raises with `file:line`."""
-    file = Path(path)
-    if not file.is_file():
-        raise EdgetuneError(f"data file {path} does not exist")
-    records, fmt = [], None
-    with file.open(encoding="utf-8") as stream:
-        for lineno, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EdgetuneError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise EdgetuneError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            fmt = fmt or _detect(record, where)
-            _check(record, fmt, where)
-            records.append(record)
-    if not records:
-        raise EdgetuneError(f"data file {path} has no records")
-    return fmt, records
-
-
-def _detect(record: dict, where: str) -> str:
-    if "messages" in record:
-        return "chat"
-    if "instruction" in record:
-        return "alpaca"
-    if "text" in record:
-        return "text"
-    raise EdgetuneError(f"{where}: cannot tell the format: expected a 'messages' (chat), "
-                        f"'instruction' and 'output' (alpaca) or 'text' field, got {sorted(record)}")
-
-
-def _check(record: dict, fmt: str, where: str) -> None:
-    def need_str(key: str, optional: bool = False) -> None:
-        if optional and key not in record:
-            return
-        if not isinstance(record.get(key), str):
-            raise EdgetuneError(f"{where}: {fmt} record needs a string '{key}' field")
-
-    if fmt == "text":
-        need_str("text")
-    elif fmt == "alpaca":
-        need_str("instruction"), need_str("output"), need_str("input", optional=True)
-    else:
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise EdgetuneError(f"{where}: chat record needs a non-empty 'messages' list")
-        for i, msg in enumerate(messages):
-            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
-                    and isinstance(msg.get("content"), str)):
-                raise EdgetuneError(f"{where}: messages[{i}] needs string 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise EdgetuneError(f"{where}: chat record has no assistant message to learn from")
-
-
-def to_messages(record: dict, fmt: str) -> list[dict]:
-    """A chat or alpaca record as a list of chat messages."""
-    if fmt == "chat":
-        return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-    prompt = record["instruction"]
-    if record.get("input"):
-        prompt += "\n\n" + record["input"]
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
-
-
-def prompt_messages(record: dict, fmt: str) -> list[dict]:
-    """The messages before the last assistant turn: what a model is asked at evaluation time."""
-    messages = to_messages(record, fmt)
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last]
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> list[int]:
@@ -227,8 +149,8 @@ def collate(examples: list[Example], pad_id: int) -> dict:
 def pack(examples: list[Example]) -> dict:
     """The examples end to end in one row, without padding; same loss as `collate`'s padded batch.
 
-    Padding a batch to its longest example wastes the work done on pad tokens (42% of the tokens in
-    batches of 4 alpaca-style records of 64-512 tokens, measured). Position ids restart at 0 for each
+    Padding a batch to its longest example wastes the work done on pad tokens (a third or more of
+    the tokens of alpaca-style data, docs/performance.md). Position ids restart at 0 for each
     example, and the boundaries let attention stay inside each one (see `attention.py`). The first
     token of each example gets no label: unpacked, nothing predicts it; packed, the previous example
     would.

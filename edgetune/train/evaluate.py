@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from edgetune.train.data import prompt_messages, to_messages
+from edgetune.records import prompt_messages, to_messages
 
 
 def _reference(record: dict, fmt: str) -> str:

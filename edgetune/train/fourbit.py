@@ -2,17 +2,14 @@
 
 bitsandbytes' CPU path dequantizes a 4-bit weight into a new tensor for every matmul, forward and
 backward (and again for the recomputed forward under gradient checkpointing). Each new tensor of a
-few MiB or more is fresh memory: a 2048 x 8192 weight measured 33.7 ms to dequantize that way
-against 5.8 ms into a buffer already touched, beside a 72 ms matmul for 256 tokens. The freed
-temporaries also scatter glibc's heap: on a Llama-3.2-1B shape the heap grew by ~35 MB per layer
-through a checkpointed forward while ~40 MB was live.
+few MiB or more is fresh memory, slower to write than the matmul that follows is to read, and the
+freed temporaries scatter glibc's heap (docs/qlora.md has the measurements).
 
 Here every 4-bit layer of a model dequantizes into one buffer, reused by each matmul in turn,
 through bitsandbytes' own CPU kernel (the same values, bit for bit). A weight larger than the buffer
 is taken a block of rows at a time: the forward pass writes each block's columns of the output, the
-backward pass adds each block's share of the input gradient. The buffer (16 MiB of fp32) then stays
-resident for the whole run instead of the largest weight (64 MiB on a Llama-3.2-1B shape), and it
-fits in the cache that the matmul reads it back from.
+backward pass adds each block's share of the input gradient. The buffer then stays resident for the
+whole run instead of the largest weight, and it fits in the cache that the matmul reads it back from.
 """
 
 import ctypes
@@ -22,14 +19,13 @@ from typing import Any
 
 import torch
 
-# Elements dequantized at a time: 2**22 is 16 MiB of fp32.
-BUFFER_ELEMENTS = 2**22
+from edgetune.constants import DEQUANT_BUFFER_ELEMENTS
 
 
 class Workspace:
     """One flat buffer per compute dtype that a model's 4-bit layers dequantize into, one at a time."""
 
-    def __init__(self, elements: int = BUFFER_ELEMENTS) -> None:
+    def __init__(self, elements: int = DEQUANT_BUFFER_ELEMENTS) -> None:
         self.elements = elements
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
 
@@ -56,12 +52,17 @@ class Workspace:
         if buffer is None or buffer.numel() < block_rows * cols:
             buffer = self.buffers[dtype] = torch.empty(block_rows * cols, dtype=dtype)
         packed, absmax = weight.data.view(torch.uint8).reshape(-1), _absmax(state)  # alive throughout
+        # The kernel restarts its quantization blocks at each row it is given, while the weights were
+        # quantized in blocks that run on across rows: hand it rows that a whole number of blocks
+        # fills (bitsandbytes' own call, one row per weight row, misreads widths that are not).
+        row = math.lcm(cols, state.blocksize)
         for first in range(0, rows, block_rows):
             n = min(block_rows, rows - first)
             out = buffer[:n * cols].view(n, cols)
-            element = first * cols
+            element, count = first * cols, n * cols
+            m, width = (count // row, row) if count % row == 0 else (1, count)
             kernel(_ptr(packed[element // 2:]), _ptr(absmax[element // state.blocksize:]), _ptr(out),
-                   ctypes.c_longlong(state.blocksize), ctypes.c_longlong(n), ctypes.c_longlong(cols))
+                   ctypes.c_longlong(state.blocksize), ctypes.c_longlong(m), ctypes.c_longlong(width))
             yield first, out
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:

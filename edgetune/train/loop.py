@@ -1,7 +1,6 @@
 """The training loop: one optimizer step at a time, with eval, checkpoints, logging and a memory guard."""
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +8,12 @@ from typing import Any, Callable
 
 import torch
 
-from edgetune.train import checkpoint
-from edgetune.train.data import IGNORE, Batches, Example, collate, n_tokens, pack
+from edgetune.constants import IGNORE
+from edgetune.runfiles import TRAIN_LOG
+from edgetune.train import checkpoint, curves
+from edgetune.train.data import Batches, Example, collate, n_tokens, pack
+from edgetune.train.heap import MemoryGuard, peak_rss, rss
 from edgetune.train.loss import causal_lm_loss
-from edgetune.train.memory import MemoryGuard, peak_rss, rss
 
 
 @dataclass
@@ -86,12 +87,14 @@ class Loop:
         checkpoint.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
-        return checkpoint.save(self.run_dir, self.step, self.model, self.state(),
+        path = checkpoint.save(self.run_dir, self.step, self.model, self.state(),
                                self.config.keep_checkpoints)
+        curves.update(self.run_dir, title=self.config.output)
+        return path
 
     def log(self, record: dict) -> None:
         self.history.append(record)
-        with (self.run_dir / "train_log.jsonl").open("a") as stream:
+        with (self.run_dir / TRAIN_LOG).open("a") as stream:
             stream.write(json.dumps(record) + "\n")
 
     def run(self, on_step: Callable[[int], None] | None = None,

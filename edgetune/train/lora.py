@@ -3,9 +3,8 @@
 PEFT computes a LoRA linear layer as `base(x) + B(A(x)) * scale`: four tensors the size of the
 output per call (the base output, B's output, the scaled copy, the sum), and in the backward pass a
 scaled gradient and a second input gradient that autograd then adds to the first. On the CPU each
-such tensor of a few MiB is fresh memory, and first touches cost more than the arithmetic: on a
-Qwen2.5-0.5B shape (854 tokens) PEFT's scale and add took 15-18 ms each against 1.6 ms for the same
-op on warm memory, and the step spent a quarter of its time outside matmuls.
+such tensor of a few MiB is fresh memory, and first touches cost more than the arithmetic
+(docs/performance.md).
 
 Here the base matmul writes the output and the low-rank product is added into it by `addmm_`; the
 backward pass does the same for the input gradient. The values are those of PEFT's formula, up to

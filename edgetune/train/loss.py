@@ -7,36 +7,29 @@ the decoder), so no weight gradient is needed.
 
 The vocabulary is taken a block of rows at a time, with the softmax accumulated online across
 blocks (a running maximum and sum per token, as flash attention does over keys), so a token's full
-row of logits never exists. Blocks of 4096 rows and 1024 tokens (16 MiB of fp32 logits) ran the
-Qwen2.5 output layer (151,936 x 896) at 107-119 GFLOP/s, against 83-104 for whole-vocabulary rows
-of 220 tokens (128 MiB), whose every block was fresh memory. An output layer stored narrower than
-the hidden states (bf16 beside fp32 compute, see edgetune.train.model.narrow_embeddings) is widened
-one block at a time, so the wide weight never exists either.
+row of logits never exists, and each block of logits reuses memory that is already resident instead
+of touching fresh pages (docs/performance.md has the measurements). An output layer stored narrower
+than the hidden states (bf16 beside fp32 compute, see edgetune.train.model.narrow_embeddings) is
+widened one block at a time, so the wide weight never exists either.
 """
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-IGNORE = -100
-# Vocabulary rows per block, and fp32 logits per block (tokens x rows): 2**22 is 16 MiB.
-BLOCK_ROWS = 4096
-LOGITS_ELEMENTS = 2**22
-# At most this many elements of a narrow output layer are widened at a time: 2**23 is 32 MiB of fp32.
-WIDEN_ELEMENTS = 2**23
+from edgetune.constants import IGNORE, LOSS_BLOCK_ROWS, LOSS_LOGITS_ELEMENTS, WIDEN_ELEMENTS
 
 
 def block_rows(weight: torch.Tensor, dtype: torch.dtype) -> int:
     """Vocabulary rows per block of `weight` used in `dtype`."""
     vocab, hidden = weight.shape
-    rows = min(vocab, BLOCK_ROWS)
+    rows = min(vocab, LOSS_BLOCK_ROWS)
     return rows if weight.dtype == dtype else max(1, min(rows, WIDEN_ELEMENTS // hidden))
 
 
 def chunk_tokens(rows: int) -> int:
     """Tokens per chunk for blocks of `rows` vocabulary rows: 1024 for 4096."""
-    return max(16, LOGITS_ELEMENTS // rows)
+    return max(16, LOSS_LOGITS_ELEMENTS // rows)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -116,11 +109,3 @@ def _inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
             SEGMENTS: batch[SEGMENTS]}
 
-
-def reference_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
-    """The same sum computed the plain way, full logits and F.cross_entropy (for tests)."""
-    logits = model(**_inputs(batch)).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((targets != IGNORE).sum())

@@ -1,20 +1,11 @@
 """Loading the base model for training: device, compute dtype, optional 4/8-bit base, LoRA on top."""
 
-import platform
 from pathlib import Path
 from typing import Any
 
 from edgetune.errors import EdgetuneError
-from edgetune.train.memory import released_promptly
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine() == "arm64"  # Apple silicon has bf16 instructions
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+from edgetune.hardware import cpu_has_bf16
+from edgetune.train.heap import released_promptly
 
 
 def pick_device(requested: str) -> str:
@@ -68,8 +59,8 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
 
     config = AutoConfig.from_pretrained(model_dir)
     file_dtype = getattr(config, "dtype", None) or dtype
-    # A quantized base is read in the file's own dtype: converting a bf16 file to fp32 first left
-    # ~1.4 GB of converted copies in the heap on a Qwen2.5-0.5B shape.
+    # A quantized base is read in the file's own dtype: converting a bf16 file to fp32 first leaves the
+    # converted copies in the heap (docs/qlora.md).
     load_dtype = file_dtype if quant == "nf4" else dtype
     with released_promptly():
         try:
@@ -104,10 +95,9 @@ def _from_pretrained(model_dir: Path, config: Any, dtype: Any, device: str, quan
 
     transformers memory-maps safetensors files, and every mapped page it reads stays in the resident
     set until the file is closed. When the weights are converted (quantized, or widened to the compute
-    dtype) that doubled the loading peak: a Llama-3.2-1B shape loading to nf4 peaked at 4.14 GiB, of
-    which 2.3 GiB were the bf16 file's pages. Read with pread, each tensor is a temporary freed once
-    converted (peak 1.45 GiB). A checkpoint already in the compute dtype and not quantized keeps the
-    mapping: its pages are the weights, with no copy.
+    dtype) those pages roughly doubled the loading peak. Read with pread, each tensor is a temporary
+    freed once converted. A checkpoint already in the compute dtype and not quantized keeps the
+    mapping: its pages are the weights, with no copy (docs/qlora.md has the measurements).
     """
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -134,7 +124,7 @@ def _from_pretrained(model_dir: Path, config: Any, dtype: Any, device: str, quan
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
     """The checkpoint's safetensors files, or [] for other formats (left to transformers)."""
-    from edgetune.export.merge import weight_files
+    from edgetune.hf import weight_files
 
     try:
         return weight_files(model_dir)
@@ -164,8 +154,8 @@ def to_compute_dtype(model: Any, dtype: Any, keep_embeddings: bool = False) -> N
 def narrow_embeddings(model: Any, dtype: Any) -> None:
     """Keep the input and output embeddings in their stored dtype and compute with them in `dtype`.
 
-    On a small model with a large vocabulary these are the biggest unquantized tensors: 1.0 GB of
-    fp32 on a Llama-3.2-1B shape against 0.5 GB of bf16. Widening bf16 to fp32 is exact, so results
+    On a small model with a large vocabulary these are the biggest unquantized tensors, and bf16
+    halves them. Widening bf16 to fp32 is exact, so results
     are those of fp32 embeddings. The input embedding's output is widened; the output layer is
     widened a block of rows at a time (`edgetune.train.loss.block_rows`), by the trainer's loss and
     here when called as a layer (generation, full logits).
@@ -196,7 +186,7 @@ def keep_4bit_layout_trainable(model: Any) -> None:
 
     On CPUs with AVX512-BF16, a no-grad forward in eval mode converts Linear4bit weights to an
     inference layout; later training steps still run but gradients through the base layers collapse
-    (layer-0 lora_B grad norm measured 1.35e-2 before an eval pass, 4.3e-5 after).
+    by orders of magnitude (tests/test_qlora.py).
     """
     import bitsandbytes as bnb
 

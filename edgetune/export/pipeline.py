@@ -1,9 +1,10 @@
-"""The files of one export, written and verified inside its temporary folder (see command.py)."""
+"""The export pipeline: every file of one export written and verified inside its temporary folder
+(command.py publishes the folder once all of it passed)."""
 
 import shutil
 from pathlib import Path
 
-from edgetune.export.report import Verification, write_json
+from edgetune.export.report import Verification, write
 
 
 def _say(message: str) -> None:
@@ -14,7 +15,8 @@ def export_files(config, source, tmp: Path, formats) -> list[Verification]:
     """Write every requested file into `tmp`, verify each, write report.json; returns the rows."""
     from transformers import AutoTokenizer
 
-    from edgetune.export.command import chat_stops, held_out_ids
+    from edgetune.export.gguf_vocab import chat_stops
+    from edgetune.export.heldout import held_out_ids
     from edgetune.export.merge import merge
     from edgetune.export.verify import require_passed, torch_reference
 
@@ -40,7 +42,7 @@ def export_files(config, source, tmp: Path, formats) -> list[Verification]:
     rows = [r for r in rows if r is not None]
     if config.verify:
         require_passed(rows)
-        write_json(rows, tmp / "report.json")
+        write(rows, tmp)
     shutil.rmtree(work, ignore_errors=True)
     return rows
 

@@ -1,10 +1,10 @@
-"""A model's shape: the numbers the memory model needs, read from config.json or GGUF metadata.
+"""A model's shape: the numbers the planner and the device predictions need, read from config.json or
+GGUF metadata.
 
 Readers touch only the config file or the GGUF header; no weights are loaded and torch is not imported.
 """
 
-import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +68,17 @@ class ModelShape:
         return self.layers * per_layer + self.hidden  # + the final norm
 
     @property
+    def token_embedding_params(self) -> int:
+        """One vocabulary x hidden matrix: the input embedding, or the output layer."""
+        return self.vocab * self.hidden
+
+    @property
     def params(self) -> int:
         return self.linear_params + self.embedding_params + self.small_params
 
-    def to_config(self) -> dict:
-        """The config.json numbers of this shape (what `edgetune.devices` reads)."""
-        return {"hidden_size": self.hidden, "num_hidden_layers": self.layers,
-                "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
-                "head_dim": self.head_dim, "intermediate_size": self.intermediate,
-                "vocab_size": self.vocab, "tie_word_embeddings": self.tied}
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        """Keys and values of every layer for one token of context."""
+        return 2 * self.layers * self.kv_dim * element_bytes
 
     def lora_params(self, rank: int) -> int:
         """A (rank x in) plus B (out x rank) for every adapted linear layer."""
@@ -88,6 +90,11 @@ _ARCH_EXTRAS: dict[str, dict[str, Any]] = {
     "llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
     "gemma2": {"norms_per_layer": 4}, "phi3": {"fused": True}, "smollm3": {}, "olmo2": {"qk_norm": True},
 }
+
+
+def head_dim(config: dict) -> int:
+    """The size of one attention head in a config.json dict (explicit, or hidden / heads)."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
 def shape_from_config(config: dict, name: str = "model") -> ModelShape:
@@ -108,7 +115,7 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
     return ModelShape(
         name=name, hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        head_dim=head_dim(config),
         intermediate=config["intermediate_size"], vocab=config["vocab_size"],
         tied=bool(config.get("tie_word_embeddings", False)),
         file_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16", **extras)
@@ -116,14 +123,9 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
 
 def shape_from_model_dir(path: str | Path) -> ModelShape:
     """The shape of a local HF model folder, from its config.json alone."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise EdgetuneError(f"model folder {path} has no config.json")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise EdgetuneError(f"{file}: not valid JSON ({exc.msg})") from None
-    return shape_from_config(config, Path(path).name)
+    from edgetune.hf import read_config
+
+    return shape_from_config(read_config(path), Path(path).name)
 
 
 # GGUF architecture names -> config.json model_type.
@@ -175,7 +177,3 @@ def shape_from_gguf(path: str | Path) -> ModelShape:
             fields[key] = field.contents()
     fields["has_output_tensor"] = any(t.name == "output.weight" for t in reader.tensors)
     return shape_from_gguf_fields(fields, Path(path).stem)
-
-
-def with_name(shape: ModelShape, name: str) -> ModelShape:
-    return replace(shape, name=name)

@@ -55,7 +55,7 @@ def _prompt_and_stops(llm, prompt: str, system: str | None) -> tuple[str, list[s
 def answer(gguf_path: str | Path, prompt: str, max_tokens: int = 256, lora: str | Path | None = None,
            temperature: float = 0.0, system: str | None = None, ctx: int = 2048) -> str:
     """The model's reply to one user message, generated through llama.cpp."""
-    from edgetune.export.verify import load_llama
+    from edgetune.export.llama import load_llama
 
     for path in (gguf_path, lora):
         if path is not None and not Path(path).is_file():

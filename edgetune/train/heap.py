@@ -9,13 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from edgetune.constants import LEAN_MMAP_THRESHOLD
 
 # glibc's mallopt parameter, and the thresholds used: blocks from this size up are mapped on their own
 # and unmapped when freed. 32 MiB is the ceiling glibc's own adaptive threshold reaches.
 M_MMAP_THRESHOLD = -3
 LOAD_MMAP_THRESHOLD = 128 * 1024
 TRAIN_MMAP_THRESHOLD = 32 * 2**20
-LEAN_MMAP_THRESHOLD = 2**20
 
 
 def _glibc() -> Any:
@@ -35,13 +35,10 @@ def released_promptly():
 
     Quantizing or converting a checkpoint frees one large temporary per weight. glibc keeps freed
     blocks in its heaps, scattered among live ones, and how much it keeps depends on which thread
-    freed what: loading a Qwen2.5-0.5B shape to nf4 peaked anywhere from 2.1 to 3.1 GiB over
-    identical runs. With each large block mapped on its own, freeing it unmaps it. Afterwards the
-    threshold is fixed at 32 MiB, where glibc's adaptive one ends up, because mapping every
-    activation of a training step on its own was measured 30% slower. (Training steps still vary:
-    the same Qwen-shaped nf4 step peaked at 2.07-2.49 GiB over nine processes. Trimming the heap
-    after every step did not narrow that and cost 17% of SmolLM2's speed; a 16 MiB threshold
-    changed neither.)
+    freed what, so the loading peak varied widely between identical runs. With each large block mapped
+    on its own, freeing it unmaps it. Afterwards the threshold is fixed at 32 MiB, where glibc's
+    adaptive one ends up, because mapping every activation of a training step on its own is slower
+    (docs/qlora.md).
     """
     libc = _glibc()
     if libc is None:
@@ -61,20 +58,12 @@ def lean_heap(enabled: bool = True) -> Iterator[Callable[[], None]]:
 
     With gradient checkpointing (the memory-first setting) the heap, not the saved activations, was
     most of a step's growth: freed activation-sized blocks stay in it between small live ones and
-    later, larger requests extend it. On a Llama-3.2-1B shape (nf4, 1 x 256 tokens) the heap held
-    709 MB free against 244 MB in use after a forward pass. Measured with checkpointing, default
-    threshold against this one (peak RSS, seconds per step):
-    - Llama-3.2-1B shape, nf4 + adamw8bit, 1 x 256: 2.49 -> 1.75 GiB, 20 -> 25 s;
-    - SmolLM2-135M, LoRA + adamw, 4 x 256: 2.18 -> 1.35 GiB, 13.2 -> 18.7 s;
-    - SmolLM2-135M, nf4 + adamw8bit, 4 x 256: 1.95 -> 0.98 GiB, 13.9 -> 23.0 s.
-    Every large block then costs fresh pages (transparent huge pages did not change that), so
-    training without checkpointing keeps the fast 32 MiB threshold.
+    later, larger requests extend it. Every large block then costs fresh pages, which is slower, so
+    training without checkpointing keeps the fast 32 MiB threshold (docs/qlora.md has both sides).
 
     Yields the function to call after each optimizer step: it hands the heap's free pages back
     (`malloc_trim`), which the small blocks of one step (LoRA gradients, optimizer temporaries) leave
-    behind. On the Llama-3.2-1B shape above the heap held 74-95 MiB free between steps, and the peak
-    fell from 1.67 to 1.61 GiB; on SmolLM2 (nf4 + adamw8bit, 4 x 256) the speed did not change
-    measurably (medians of three, 70 against 75 tok/s, inside the run-to-run spread).
+    behind.
     """
     libc = _glibc() if enabled else None
     if libc is None:

@@ -1,0 +1,88 @@
+"""llama.cpp through llama-cpp-python: loading a GGUF (with an adapter), its logits, its decode speed.
+
+llama.cpp's C code prints to stderr directly; `quiet_native_logs` keeps that off the screen and hands
+the text back, because its last lines explain a failed load better than the Python exception does.
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edgetune.errors import EdgetuneError
+
+DECODE_TOKENS = 32
+
+
+@contextlib.contextmanager
+def quiet_native_logs():
+    """Keep what llama.cpp's C code prints on stderr off the screen; yields a function that returns it.
+
+    Its lines explain a failed load (e.g. an adapter tensor of the wrong shape), so callers put the
+    last of them into their error message instead of throwing them away.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield lambda: (log.seek(0), log.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def load_llama(path: Path, n_ctx: int, lora: Path | None = None, logits_all: bool = True):
+    """A llama-cpp-python model over `path` (and a LoRA adapter GGUF), with llama.cpp's logging off."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise EdgetuneError("checking or running GGUF files needs llama-cpp-python: "
+                            "pip install llama-cpp-python") from None
+    adapter = f" with adapter {Path(lora).name}" if lora else ""
+    with quiet_native_logs():  # some context warnings bypass verbose=False
+        try:
+            llm = Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
+                        lora_path=str(lora) if lora else None)
+        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "did not load"
+            raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}{adapter}: {exc}") from None
+    # llama-cpp-python 0.3 checks the adapter handle against None, but a failed load returns a NULL
+    # pointer, so a mismatched adapter would be dropped silently.
+    if lora and not getattr(llm, "_lora_adapter", True):
+        llm.close()
+        raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}{adapter}: the adapter's tensors "
+                            "do not fit this model (was it made for another base?)")
+    return llm
+
+
+def _decode_speed(llm, prompt: list[int]) -> float:
+    """Greedy decode tokens per second after a short prompt (what a chat user waits on)."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt[:8])
+    start = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return DECODE_TOKENS / (time.perf_counter() - start)
+
+
+def gguf_logits(path: Path, ids: list[int], lora: Path | None = None) -> tuple["object", float]:
+    """(next-token logits [len(ids) - 1, vocab], decode tokens/s) of a GGUF file in llama.cpp."""
+    import numpy as np
+
+    llm = load_llama(path, n_ctx=len(ids) + DECODE_TOKENS + 16, lora=lora)
+    try:
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float32)
+        speed = _decode_speed(llm, ids)
+    finally:
+        llm.close()
+    return logits, speed
