@@ -1,15 +1,19 @@
-"""Regenerate the README's CLI reference from the real `--help` output, so the docs cannot drift.
+"""Regenerate docs/cli.md from the real `--help` output, so the reference cannot drift.
 
-    python scripts/cli_reference.py          # rewrite README.md in place
-    python scripts/cli_reference.py --check  # exit 1 if README.md is out of date
+    python scripts/cli_reference.py          # rewrite docs/cli.md
+    python scripts/cli_reference.py --check  # exit 1 if docs/cli.md is out of date
 """
 
 import os
 import sys
 from pathlib import Path
 
-START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
+HEADER = """# CLI reference
+
+Generated from the real `--help` by `python scripts/cli_reference.py`; do not edit by hand.
+
+"""
 
 
 def reference() -> str:
@@ -24,21 +28,14 @@ def reference() -> str:
     return "\n\n".join(parts)
 
 
-def updated(text: str) -> str:
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{reference()}\n{END}{tail}"
-
-
 def main() -> int:
-    text = README.read_text()
-    new = updated(text)
+    new = HEADER + reference() + "\n"
     if "--check" in sys.argv:
-        if new != text:
-            print("README.md's CLI reference is out of date: run python scripts/cli_reference.py")
+        if not DOC.is_file() or DOC.read_text() != new:
+            print("docs/cli.md is out of date: run python scripts/cli_reference.py")
             return 1
         return 0
-    README.write_text(new)
+    DOC.write_text(new)
     return 0
 
 

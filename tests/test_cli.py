@@ -103,7 +103,7 @@ def test_no_verb_prints_help():
     assert main([]) == 2
 
 
-def test_readme_cli_reference_is_current():
+def test_cli_reference_is_current():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "cli_reference.py"
