@@ -67,7 +67,9 @@ def _read_yaml(path: str, known: set[str]) -> dict:
     if not file.is_file():
         raise EdgetuneError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise EdgetuneError(f"{path}: not UTF-8 text; a settings file is YAML text") from None
     except yaml.YAMLError as exc:
         raise EdgetuneError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -36,3 +36,27 @@ def weight_files(model_dir: str | Path) -> list[Path]:
         raise EdgetuneError(f"{model_dir}: no model.safetensors "
                             "(only safetensors checkpoints are supported)")
     return [single]
+
+
+def open_weights(file: Path):
+    """safetensors' reader over one weight file (a context manager); a damaged file is a user error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (OSError, SafetensorError) as exc:
+        raise EdgetuneError(f"{file} cannot be read ({exc}): is the file truncated or damaged?") from None
+
+
+def check_weights(model_dir: str | Path) -> None:
+    """Open the header of every safetensors file of an HF folder: a truncated file fails here, in
+    a second, rather than deep inside a loader after minutes of work."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").is_file() and \
+            not (model_dir / "model.safetensors.index.json").is_file():
+        return  # other formats are left to transformers
+    for file in weight_files(model_dir):
+        if not file.is_file():
+            raise EdgetuneError(f"{model_dir}: weight file {file.name} is missing")
+        with open_weights(file):
+            pass

@@ -65,8 +65,11 @@ def resolve(ref: str, cache_dir: str | None = None) -> Path:
         if path.suffix != ".gguf":
             raise EdgetuneError(f"model file {ref} is not a .gguf file; pass a GGUF file or an HF folder")
         return gguf_to_hf(path, cache_dir)
-    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")):
+    first = Path(ref.split("/")[0]).expanduser()
+    if _HUB_ID.match(ref) and not ref.startswith((".", "/", "~")) and not first.exists():
         return _download(ref, cache_dir)
+    if path.parent.is_dir() and str(path.parent) not in ("", "."):
+        raise EdgetuneError(f"{ref} does not exist: {path.parent} has no {path.name}")
     known = ", ".join(BUILTIN)
     raise EdgetuneError(f"model {ref} does not exist: pass a local HF folder, a .gguf file, "
                         f"a hub id (org/name) or a built-in model ({known})")
@@ -85,8 +88,8 @@ def _download(repo_id: str, cache_dir: str | None) -> Path:
                                       cache_dir=cache_root(cache_dir) / "hub"))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         reason = str(exc).splitlines()[0][:160]
-        raise EdgetuneError(f"cannot download {repo_id} from the Hugging Face hub ({reason}); "
-                            "pass a local HF folder or .gguf file instead") from None
+        raise EdgetuneError(f"{repo_id} is not a local folder or .gguf file, and downloading it from "
+                            f"the Hugging Face hub failed ({reason})") from None
 
 
 def _cache_key(path: Path) -> str:
@@ -141,11 +144,19 @@ def _convert_gguf(path: Path, out: Path) -> None:
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2))
 
 
-def gguf_metadata(path: Path, keys: tuple[str, ...]) -> dict:
-    """String or number fields of a GGUF header, read without loading tensors."""
+def read_gguf(path: Path):
+    """A gguf.GGUFReader over `path`; a truncated or foreign file is a one-line error."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        return GGUFReader(path)
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as exc:
+        raise EdgetuneError(f"{path} is not a readable GGUF file (truncated or not GGUF? {exc})") from None
+
+
+def gguf_metadata(path: Path, keys: tuple[str, ...]) -> dict:
+    """String or number fields of a GGUF header, read without loading tensors."""
+    reader = read_gguf(path)
     found = {}
     for key in keys:
         field = reader.get_field(key)
@@ -154,17 +165,36 @@ def gguf_metadata(path: Path, keys: tuple[str, ...]) -> dict:
     return found
 
 
-def check_trainable(model_dir: Path) -> str:
-    """The model_type of a folder, refused clearly unless transformers has a causal LM for it."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+# Architectures the trainer is tested on (tests/conftest.py builds each): decoder at `.model`, linear
+# projections, an output layer without bias, and a loss computed from the last hidden states.
+TRAINABLE = ("llama", "mistral", "qwen2", "qwen3")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
-    try:
-        model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EdgetuneError(f"cannot read {model_dir}/config.json: {exc}") from None
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise EdgetuneError(f"model {model_dir}: architecture {model_type!r} has no causal language "
-                            "model in transformers, so it cannot be fine-tuned")
+
+def require_files(model_dir: Path) -> None:
+    """Refuse a model folder that lacks the weights or the tokenizer, before anything loads."""
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in WEIGHT_FILES):
+        raise EdgetuneError(f"model folder {model_dir} has no weights ({', '.join(WEIGHT_FILES)})")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise EdgetuneError(f"model folder {model_dir} has no tokenizer ({', '.join(TOKENIZER_FILES)}); "
+                            "copy the tokenizer files of the model it was saved from into it")
+    from edgetune.hf import check_weights
+
+    check_weights(model_dir)
+
+
+def check_trainable(model_dir: Path) -> str:
+    """The model_type of a folder, refused clearly unless the trainer supports its architecture."""
+    from edgetune.hf import read_config
+
+    model_type = read_config(model_dir).get("model_type")
+    if model_type not in TRAINABLE:
+        raise EdgetuneError(f"model {model_dir}: architecture {model_type!r} is not one edgetune can "
+                            f"fine-tune; supported: {', '.join(TRAINABLE)}")
+    require_files(model_dir)
     return model_type
 
 

@@ -163,12 +163,9 @@ def shape_from_gguf_fields(fields: dict, name: str = "model") -> ModelShape:
 
 def shape_from_gguf(path: str | Path) -> ModelShape:
     """The shape of a .gguf file, from its header (tensor names, not tensor data)."""
-    from gguf import GGUFReader
+    from edgetune.models import read_gguf
 
-    try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError) as exc:
-        raise EdgetuneError(f"cannot read GGUF {path}: {exc}") from None
+    reader = read_gguf(Path(path))
     fields: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key == "tokenizer.ggml.tokens":

@@ -29,17 +29,23 @@ class Source:
 
 def read_source(config: ExportConfig) -> Source:
     """Interpret RUN: an `edgetune train` folder, a bare PEFT adapter folder, or a plain model."""
+    source = _source(config)
+    models.require_files(source.model_dir)
+    return source
+
+
+def _source(config: ExportConfig) -> Source:
     from edgetune.export.merge import is_adapter_dir, read_adapter_config
 
     run = Path(config.run).expanduser()
     if (run / RUN_CONFIG).is_file():
-        saved = yaml.safe_load((run / RUN_CONFIG).read_text()) or {}
+        saved = _run_settings(run)
         if not is_adapter_dir(run):
             raise EdgetuneError(f"{run} has no adapter (adapter_model.safetensors): did training finish? "
                                 f"Resume it with: edgetune train --resume --output {run}")
         if not saved.get("model"):
             raise EdgetuneError(f"{run}/{RUN_CONFIG} does not name the base model (model:)")
-        base = models.resolve(saved["model"], config.cache_dir or saved.get("cache_dir"))
+        base = models.resolve(str(saved["model"]), config.cache_dir or saved.get("cache_dir"))
         return Source(base, run, saved.get("eval_data"), run / "export")
     if (run / ADAPTER_CONFIG).is_file():
         base_ref = read_adapter_config(run).get("base_model_name_or_path")
@@ -48,6 +54,17 @@ def read_source(config: ExportConfig) -> Source:
         return Source(models.resolve(base_ref, config.cache_dir), run, None, run / "export")
     base = models.resolve(config.run, config.cache_dir)
     return Source(base, None, None, Path(f"{run.name.removesuffix('.gguf')}-export"))
+
+
+def _run_settings(run: Path) -> dict:
+    try:
+        saved = yaml.safe_load((run / RUN_CONFIG).read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise EdgetuneError(f"{run / RUN_CONFIG}: not a readable run file ({str(exc).splitlines()[0]})") \
+            from None
+    if not isinstance(saved, dict):
+        raise EdgetuneError(f"{run / RUN_CONFIG}: expected a mapping of settings")
+    return saved
 
 
 @dataclass

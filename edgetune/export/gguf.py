@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
-from edgetune.hf import read_config, weight_files
+from edgetune.hf import open_weights, read_config, weight_files
 from edgetune.shape import head_dim
 
 # Types written directly by this module; lower-bit types go through quantize.py from the f16 file.
@@ -159,10 +159,9 @@ def encode(array, out_type: str):
 def _hf_tensors(model_dir: Path):
     """(name, fp32 numpy array) of every weight, one at a time."""
     import torch
-    from safetensors import safe_open
 
     for file in weight_files(Path(model_dir)):
-        with safe_open(str(file), framework="pt") as f:
+        with open_weights(file) as f:
             for key in f.keys():
                 yield key, f.get_tensor(key).to(torch.float32).numpy()
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
-from edgetune.hf import read_config, weight_files
+from edgetune.hf import open_weights, read_config, weight_files
 from edgetune.runfiles import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # Files copied unchanged from the base folder into the merged one (weights are rewritten).
@@ -49,7 +49,12 @@ def is_adapter_dir(path: Path) -> bool:
 
 def read_adapter_config(adapter_dir: Path) -> dict:
     """adapter_config.json, refusing adapter kinds this merge cannot reproduce exactly."""
-    config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    try:
+        config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgetuneError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: cannot read it ({exc})") from None
+    if not isinstance(config, dict):
+        raise EdgetuneError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise EdgetuneError(f"{adapter_dir}: adapter type {config.get('peft_type')} is not supported; "
                             "only LoRA adapters can be merged")
@@ -71,10 +76,16 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
 
 def load_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
     """The adapter's LoRA pairs keyed by base weight name (e.g. model.layers.0.mlp.up_proj.weight)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config = read_adapter_config(adapter_dir)
-    tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(str(weights))
+    except (OSError, SafetensorError) as exc:
+        raise EdgetuneError(f"{weights} cannot be read ({exc}): the file is truncated or damaged; "
+                            "export an earlier checkpoint, or resume training to write it again") from None
     sides: dict[str, dict[str, object]] = {}
     for key, tensor in tensors.items():
         found = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
@@ -112,15 +123,13 @@ def merged_tensor(name: str, weight, pair: LoraPair | None):
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Write base + adapter as a plain HF folder at `out_dir` (fp32 model.safetensors, same config)."""
-    from safetensors import safe_open
-
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     pairs = load_adapter(adapter_dir)
     config = read_config(base_dir)
     files = weight_files(base_dir)
     layout: dict[str, tuple[Path, list[int]]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with open_weights(file) as f:
             for key in f.keys():
                 layout[key] = (file, list(f.get_slice(key).get_shape()))
     _check_pairs(pairs, layout, config)
@@ -129,7 +138,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
 
     def tensors():
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
+            with open_weights(file) as f:
                 for key in f.keys():
                     yield key, merged_tensor(key, f.get_tensor(key), pairs.get(key))
 

@@ -153,12 +153,12 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
 
     PEFT casts each adapted layer's input to the adapter's fp32 before lora_A, and autograd keeps
     each cast copy; with an fp32 compute dtype the cast is a no-op and q, k, v (and gate, up) share
-    one saved input, and o_proj's input is the attention output itself. RMSNorm upcasts its input to
-    fp32 and keeps it. A frozen bf16 linear layer keeps nothing, but bitsandbytes' 4/8-bit matmuls
-    keep their input (in fp32, the same tensor as the adapter's). SDPA (flash kernel on the CPU)
-    keeps q, k, v, its output and a logsumexp, no seq x seq matrix. Checked against autograd's
-    saved-tensor hooks: 40,470 bytes per token for a SmolLM2 layer in fp32 (this model: 40,420),
-    37,377 in bf16 (this model: 37,348).
+    one saved input. o_proj's input is its own tensor either way: the attention heads are transposed
+    back and made contiguous. RMSNorm upcasts its input to fp32 and keeps it, with one fp32 inverse
+    norm per token. A frozen bf16 linear layer keeps nothing, but bitsandbytes' 4/8-bit matmuls keep
+    their input (in fp32, the same tensor as the adapter's). SDPA (flash kernel on the CPU) keeps q,
+    k, v, its output and a logsumexp, no seq x seq matrix. tests/test_plan.py counts the saved
+    tensors of real layers with autograd's hooks and holds these terms to them.
     """
     c = compute_bytes(setting.dtype)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
@@ -166,14 +166,14 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
     n_qkv, n_gu = (1, 1) if share or shape.fused else (3, 2)
     n_adapted = len(shape.linears())
     terms = {
-        "norms": 4 * h * shape.norms_per_layer,  # fp32 copy of each norm's input
-        "lora inputs": 4 * (n_qkv * h + n_gu * h + (0 if share else q) + i),
+        "norms": 4 * (h + 1) * shape.norms_per_layer,  # fp32 copy of each norm's input, its 1/rms
+        "lora inputs": 4 * (n_qkv * h + n_gu * h + q + i),
         "lora A outputs": 4 * setting.rank * n_adapted,
         "attention": c * (2 * q + 2 * kv) + 4 * shape.heads,  # q, k, v, output; fp32 logsumexp
         "mlp": 3 * c * i,  # gate output (silu's input), silu output, up output
     }
-    if shape.qk_norm:
-        terms["attention"] += 4 * (q + kv)
+    if shape.qk_norm:  # each head's query and key normalised: fp32 inputs and their 1/rms
+        terms["attention"] += 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads)
     if setting.quant != "none" and not share:
         # bitsandbytes keeps its own compute-dtype input beside the adapter's fp32 copy; in fp32
         # the two are one tensor (measured: the same saved bytes with and without nf4).

@@ -58,11 +58,11 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     train_set, eval_set = load_examples(config, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    _prepare_run_dir(config, run_dir)
 
     base = model_lib.load_base(model_dir, dtype, device, config.quant, config.double_quant)
     model = model_lib.add_lora(base, config.rank, config.alpha, config.dropout, config.modules,
                                config.seed, config.grad_checkpointing)
+    _prepare_run_dir(config, run_dir)  # only now, with everything read and loaded, is a folder made
     trainable, params = model_lib.parameter_counts(model)
     print(f"edgetune: {config.model}: {params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
           f"(LoRA rank {config.rank}); {len(train_set)} train / {len(eval_set)} eval examples; "
@@ -85,7 +85,6 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
               f"{guard.message}; checkpoint written. {_suggestion(config, model_dir, dtype)}")
     elif not summary.interrupted:
         from edgetune.train.checkpoint import save_adapter
-
         from edgetune.train.curves import update
 
         save_adapter(run_dir, model)

@@ -45,14 +45,18 @@ def draw(records: list[dict], out: Path, title: str = "") -> bool:
     figure = Figure(figsize=(10, 6.5), layout="constrained")
     FigureCanvasAgg(figure)
     (loss, lr), (speed, memory) = figure.subplots(2, 2, sharex=True)
-    loss.plot(*_series(records, "loss"), label="train", color="tab:blue")
+    steps, losses = _series(records, "loss")
+    loss.plot(steps, losses, label="train", color="tab:blue")
     steps, evals = _series(records, "eval_loss")
     if evals:
         loss.plot(steps, evals, "o-", label="eval", color="tab:orange")
-    loss.set(title="loss (mean per label token)", yscale="log")
+    positive = [v for v in losses + evals if v > 0]
+    wide = positive and max(positive) > 20 * min(positive)  # a loss falling by orders of magnitude
+    loss.set(title="loss (mean per label token)", yscale="log" if wide else "linear")
     loss.legend()
     lr.plot(*_series(records, "lr"), color="tab:green")
     lr.set(title="learning rate")
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     speed.plot(*_series(records, "tokens_per_s"), color="tab:purple")
     speed.set(title="tokens/s", xlabel="step", ylim=(0, None))
     steps, rss = _series(records, "rss_mb")

@@ -55,6 +55,7 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
     With a quantized base, the embeddings stay in the checkpoint's dtype when it is narrower than the
     compute dtype (bf16 beside fp32 compute) and are widened where used (see `narrow_embeddings`).
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -72,6 +73,9 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
                 raise EdgetuneError(f"model {model_dir}: architecture {config.model_type!r} "
                                     "is not supported by transformers") from None
             raise
+        except (OSError, SafetensorError) as exc:  # a truncated or damaged weight file
+            raise EdgetuneError(f"cannot load the weights of {model_dir}: "
+                                f"{str(exc).splitlines()[0][:200]}") from None
         model.config.use_cache = False
         for param in model.parameters():
             param.requires_grad_(False)
