@@ -30,6 +30,8 @@ VERBS = {
                "edgetune.report:ReportConfig", "edgetune.report"),
     "quickstart": ("train, evaluate, export and run the built-in demo end to end",
                    "edgetune.quickstart:QuickstartConfig", "edgetune.quickstart"),
+    "cache": ("list or clear the models edgetune converted (GGUF to HF checkpoints)",
+              "edgetune.cache:CacheConfig", "edgetune.cache"),
 }
 
 
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except EdgetuneError as exc:
         print(f"edgetune: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # a signal outside the training loop, which checkpoints itself
+        from edgetune.signals import exit_status
+
         print("edgetune: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(exc)

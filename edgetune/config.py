@@ -21,6 +21,28 @@ def option(default: Any, help: str, *, choices: tuple | None = None, positional:
     return dataclasses.field(default=default, metadata=meta)
 
 
+def given_field() -> Any:
+    """A field that `build` fills with the names of the settings the user gave (YAML keys, flags).
+
+    It is neither a flag nor a YAML key, and is not saved. A config made in code leaves it None;
+    readers then take the settings that differ from the defaults as the given ones (`given_names`).
+    """
+    return dataclasses.field(default=None, compare=False, metadata={"given": True})
+
+
+def _settings(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if not f.metadata.get("given")]
+
+
+def given_names(config: Any) -> frozenset[str]:
+    """The settings the user chose: recorded by `build`, else those that differ from the defaults."""
+    for f in dataclasses.fields(config):
+        if f.metadata.get("given") and getattr(config, f.name) is not None:
+            return frozenset(getattr(config, f.name))
+    return frozenset(f.name for f in _settings(type(config))
+                     if f.default is dataclasses.MISSING or getattr(config, f.name) != f.default)
+
+
 def _base_type(annotation: Any) -> type:
     """`int | None` -> int; plain types pass through."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
@@ -51,12 +73,14 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
 def build(cls: type, yaml_path: str | None = None, overrides: dict | None = None) -> Any:
     """Instantiate `cls` from its defaults, then a YAML file, then explicit overrides (CLI flags)."""
     values: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in _settings(cls)}
     if yaml_path is not None:
         values.update(_read_yaml(yaml_path, known))
-    values.update(overrides or {})
+    values.update({k: v for k, v in (overrides or {}).items() if k in known})
     for name, value in values.items():
         values[name] = _coerce(cls, name, value)
+    given = frozenset(values) - {"config"}
+    values.update({f.name: given for f in dataclasses.fields(cls) if f.metadata.get("given")})
     return cls(**values)
 
 
@@ -84,7 +108,7 @@ def _read_yaml(path: str, known: set[str]) -> dict:
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one flag per field of `cls`; flags not given stay out of the namespace (SUPPRESS)."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    for f in _settings(cls):
         meta = f.metadata
         field_type = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -108,10 +132,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def overrides_from(namespace: argparse.Namespace, cls: type) -> dict:
     """The fields of `cls` that the user set on the command line."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in _settings(cls)}
     return {k: v for k, v in vars(namespace).items() if k in names}
 
 
 def as_dict(config: Any) -> dict:
-    """A plain dict of a config, for saving beside a run."""
-    return dataclasses.asdict(config)
+    """A plain dict of a config's settings, for saving beside a run."""
+    return {f.name: getattr(config, f.name) for f in _settings(type(config))}

@@ -15,9 +15,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetune import folders
 from edgetune.errors import EdgetuneError
 
 SOURCE_FILE = "edgetune_source.json"
+CACHE_VERSION = 1  # part of every cache key: raise it when a conversion would come out different
+_HEAD_BYTES, _SAMPLES, _SAMPLE_BYTES = 2**20, 16, 2**16
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -92,28 +95,58 @@ def _download(repo_id: str, cache_dir: str | None) -> Path:
                             f"the Hugging Face hub failed ({reason})") from None
 
 
-def _cache_key(path: Path) -> str:
-    stat = path.stat()
-    text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+def content_key(path: Path) -> str:
+    """A key for a file's content, equal for every copy of it wherever it lies (another venv).
+
+    It hashes the size, the first MiB (a GGUF's header: metadata and tensor table), 16 evenly spaced
+    64 KiB samples and the last 64 KiB: about 2 MiB read whatever the file's size.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"edgetune-model-cache-{CACHE_VERSION}|{size}|".encode())
+    with path.open("rb") as stream:
+        digest.update(stream.read(_HEAD_BYTES))
+        for i in range(1, _SAMPLES + 1):
+            stream.seek(size * i // (_SAMPLES + 1))
+            digest.update(stream.read(_SAMPLE_BYTES))
+        stream.seek(max(0, size - _SAMPLE_BYTES))
+        digest.update(stream.read())
+    return digest.hexdigest()[:16]
+
+
+def _converted_bytes(path: Path) -> int:
+    """The size of the fp32 checkpoint a GGUF converts to (4 bytes a weight, plus the tokenizer)."""
+    from gguf import GGUFReader
+
+    return 4 * sum(int(t.n_elements) for t in GGUFReader(path).tensors) + 2**25
 
 
 def gguf_to_hf(path: Path, cache_dir: str | None = None) -> Path:
-    """The cached HF checkpoint of a GGUF model, made on first use (tens of seconds)."""
-    target = cache_root(cache_dir) / "models" / f"{path.stem}-{_cache_key(path)}"
+    """The cached HF checkpoint of a GGUF model, made on first use (tens of seconds).
+
+    Entries are keyed by the file's content, so every environment that has the same GGUF shares one
+    conversion. A process that finds another one converting the same file waits for it.
+    """
+    models_dir = cache_root(cache_dir) / "models"
+    target = models_dir / f"{path.stem}-{content_key(path)}"
     if (target / SOURCE_FILE).is_file():
         return target
-    print(f"edgetune: converting {path.name} to a plain checkpoint in {target} (once)", flush=True)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _convert_gguf(path, tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with folders.disk_errors(models_dir):
+        models_dir.mkdir(parents=True, exist_ok=True)
+    with folders.sibling_lock(target, f"cache entry {target}", wait=True, verb="converting"):
+        if (target / SOURCE_FILE).is_file():  # another process finished it while we waited
+            return target
+        folders.remove_leftovers(models_dir, prefix=f".{target.name}.")
+        needed = _converted_bytes(path)
+        folders.require_space(models_dir, needed, f"the converted {path.name}")
+        print(f"edgetune: converting {path.name} to a plain checkpoint in {target} (once)", flush=True)
+        tmp = models_dir / f".{target.name}.tmp-{os.getpid()}"
+        try:
+            with folders.disk_errors(models_dir, needed, cleanup=[tmp]):
+                _convert_gguf(path, tmp)
+                folders.remove_tree(target)  # an incomplete entry from an older version, if any
+                tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -140,7 +173,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
     out.mkdir(parents=True)
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    source = {"gguf": str(path.resolve()), **metadata}
+    source = {"gguf": str(path.resolve()), "size": path.stat().st_size, **metadata}
     (out / SOURCE_FILE).write_text(json.dumps(source, indent=2))
 
 

@@ -4,20 +4,20 @@ Teach SmolLM2-135M-Instruct to rewrite dates as ISO 8601, score held-out dates b
 and after, export a q8_0 GGUF verified in llama.cpp, and answer one held-out prompt through it.
 """
 
-import dataclasses
 import json
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgetune.config import option
+from edgetune.config import as_dict, option
 from edgetune.errors import EdgetuneError
+from edgetune.runfiles import QUICKSTART_RESULT
 
 
 @dataclass(frozen=True)
 class QuickstartConfig:
-    output: str = option("edgetune-quickstart", "folder for the data, the run and the export")
-    force: bool = option(False, "replace an existing output folder")
+    output: str = option("edgetune-quickstart", "folder for the data, the run and the export; "
+                         "a quick start's own folder is replaced, any other is refused")
     steps: int = option(40, "optimizer steps of LoRA training")
     batch_size: int = option(8, "examples per step")
     lr: float = option(1e-3, "peak learning rate")
@@ -48,8 +48,38 @@ def held_out_accuracy(model_dir: Path, adapter: Path | None, records: list[dict]
     return exact_match(model, tokenizer, records, "alpaca", max_new_tokens=16)
 
 
+def prepare_output(out: Path, config: QuickstartConfig) -> None:
+    """Empty the quick start's own folder (call it holding the folder's lock) and mark it as ours.
+
+    The folder ignores itself in git (a `.gitignore` of `*`), so running the quick start inside a
+    repository adds nothing to it.
+    """
+    from edgetune import folders
+
+    folders.inspect_output(out, folders.QUICKSTART_MARKERS)  # refuses a folder it did not make
+    with folders.disk_errors(out):
+        folders.clear(out)
+        (out / ".gitignore").write_text("# written by edgetune quickstart\n*\n")
+    started = {"status": "running", "config": as_dict(config)}
+    folders.write_text_atomic(out / QUICKSTART_RESULT, json.dumps(started, indent=2) + "\n")
+
+
 def main(config: QuickstartConfig) -> int:
-    from edgetune import models
+    from edgetune import folders
+    from edgetune.signals import stop_on_signals
+
+    out = Path(config.output).expanduser()
+    folders.inspect_output(out, folders.QUICKSTART_MARKERS)  # a user's folder: refused before work
+    with folders.disk_errors(out.parent):
+        out.mkdir(parents=True, exist_ok=True)
+    with stop_on_signals(), folders.folder_lock(out, f"quick start folder {out}",
+                                                verb="edgetune quickstart"):
+        prepare_output(out, config)
+        return _quickstart(config, out)
+
+
+def _quickstart(config: QuickstartConfig, out: Path) -> int:
+    from edgetune import folders, models
     from edgetune.examples import dates
     from edgetune.export.command import main as export_main
     from edgetune.export.config import ExportConfig
@@ -57,10 +87,7 @@ def main(config: QuickstartConfig) -> int:
     from edgetune.train.command import train
     from edgetune.train.config import TrainConfig
 
-    out = Path(config.output)
-    if out.exists() and not config.force:
-        raise EdgetuneError(f"output folder {out} exists: pass --force to replace it")
-    shutil.rmtree(out, ignore_errors=True)
+    began = time.perf_counter()
     model_dir = models.resolve("smollm2-135m", config.cache_dir)
     train_file, eval_file = dates.write(out / "data")
     held_out = [json.loads(line) for line in eval_file.read_text().splitlines()][:config.eval_size]
@@ -75,7 +102,8 @@ def main(config: QuickstartConfig) -> int:
         save_every=0, eval_every=0, cache_dir=config.cache_dir, threads=config.threads,
         progress=config.progress))
     if summary.interrupted:
-        return 130
+        folders.say(f"interrupted at step {summary.steps}; run edgetune quickstart again to start over")
+        return summary.exit_status
     after, answers = held_out_accuracy(model_dir, run, held_out)
     export_dir = out / "export"
     export_main(ExportConfig(run=str(run), output=str(export_dir), force=True, gguf=config.gguf,
@@ -88,9 +116,11 @@ def main(config: QuickstartConfig) -> int:
               round(100 * (after - before), 1), "steps": summary.steps, "eval_loss": summary.eval_loss,
               "tokens_per_s": round(summary.tokens_per_s, 1), "gguf": str(gguf_file),
               "llama_cpp_prompt": sample["input"], "llama_cpp_answer": reply,
-              "expected": sample["output"], "config": dataclasses.asdict(config)}
-    (out / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n")
+              "expected": sample["output"], "seconds": round(time.perf_counter() - began),
+              "status": "done", "config": as_dict(config)}
+    folders.write_text_atomic(out / QUICKSTART_RESULT, json.dumps(result, indent=2) + "\n")
     print(f"\nheld-out exact match: base {before:.0%} -> tuned {after:.0%} "
           f"({result['gain_points']:+.0f} points) after {summary.steps} steps")
     print(f"llama.cpp ({gguf_file.name}): {sample['input']!r} -> {reply!r} (expected {sample['output']})")
+    print(f"edgetune: quick start done in {result['seconds'] / 60:.1f} min; results in {out}")
     return 0

@@ -48,20 +48,20 @@ def exported(run_dir):
 
 def test_export_writes_verified_files(exported, capsys):
     names = sorted(p.name for p in exported.iterdir())
-    assert names == ["adapter.Modelfile", "adapter.gguf", "base-f16.gguf", "model-f16.Modelfile",
-                     "model-f16.gguf", "report.json", "report.md"]
+    assert names == ["adapter.Modelfile", "adapter.gguf", "base-f16.gguf", "edgetune_export.yaml",
+                     "model-f16.Modelfile", "model-f16.gguf", "report.json", "report.md"]
     rows = json.loads((exported / "report.json").read_text())
     page = (exported / "report.md").read_text()
     assert "| model-f16.gguf | gguf f16 |" in page and page.count("| ok |") == 2
     assert [r["format"] for r in rows] == ["gguf f16", "gguf adapter over f16"]
     assert all(r["passed"] and r["positions"] == 256 and r["top1_agreement"] >= 0.99 for r in rows)
     assert "FROM ./base-f16.gguf\nADAPTER ./adapter.gguf" in (exported / "adapter.Modelfile").read_text()
-    assert not list(exported.parent.glob("export.tmp-*"))
+    assert not list(exported.parent.glob(".export.tmp-*"))
 
 
 def test_existing_output_is_refused(exported, run_dir, capsys):
     assert cli.main(["export", str(run_dir), "--gguf", "f16"]) == 1
-    assert "exists: pass --force" in capsys.readouterr().err
+    assert "holds an export: pass --force" in capsys.readouterr().err
 
 
 def test_failed_verification_leaves_nothing(run_dir, tmp_path, monkeypatch, capsys):
@@ -76,7 +76,8 @@ def test_plain_model_exports_as_is(tiny_model, tmp_path):
     out = tmp_path / "plain"
     assert cli.main(["export", str(tiny_model), "--gguf", "q4_0", "--output", str(out),
                      "--no-verify"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model-q4_0.Modelfile", "model-q4_0.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["edgetune_export.yaml", "model-q4_0.Modelfile",
+                                                     "model-q4_0.gguf"]
 
 
 def test_config_validation():

@@ -95,7 +95,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_model, alpaca_fi
 def test_existing_output_needs_force(tiny_model, alpaca_file, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep.txt").write_text("mine")
-    with pytest.raises(EdgetuneError, match="exists: pass --force"):
+    with pytest.raises(EdgetuneError, match="holds keep.txt, which edgetune did not make"):
         train(config(tiny_model, alpaca_file, tmp_path / "run"))
     assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
 
@@ -115,19 +115,22 @@ def test_resume_without_checkpoint(tmp_path):
 
 def test_checkpoint_write_is_atomic(tiny_model, alpaca_file, tmp_path, monkeypatch):
     """A crash while writing a checkpoint leaves the previous one as the newest whole checkpoint."""
+    from edgetune.train import statefile
+
     run = tmp_path / "run"
-    original, calls = torch.save, []
+    original, calls = statefile.save, []
 
-    def crash_on_second(obj, path, *args, **kwargs):
-        calls.append(path)
-        original(obj, path, *args, **kwargs)
+    def crash_on_second(folder, state):
+        calls.append(folder)
+        original(folder, state)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise RuntimeError("a bug in the middle of a checkpoint write")
 
-    monkeypatch.setattr(torch, "save", crash_on_second)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(statefile, "save", crash_on_second)
+    with pytest.raises(RuntimeError, match="a bug"):
         train(config(tiny_model, alpaca_file, run, steps=4, save_every=2))
     assert [p.name for p in checkpoint.completed(run)] == ["step-000002"]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]  # no temporary left
     assert not (run / "adapter_model.safetensors").exists()
 
 

@@ -1,7 +1,8 @@
 """`edgetune export`: merge a run's adapter, write GGUF/ONNX files, verify each, then publish the folder.
 
-Everything is written into `OUT.tmp-<pid>` beside the output and renamed into place only after every
-file passed verification, so a failure (or Ctrl-C) never leaves a half-written export at OUT.
+Everything is written into `.OUT.tmp-<pid>` beside the output and renamed into place only after every
+file passed verification, so a failure (or Ctrl-C, SIGTERM, a full disk) never leaves a half-written
+export at OUT. While it works, the run folder it reads and the output it writes are locked.
 """
 
 import os
@@ -11,10 +12,13 @@ from pathlib import Path
 
 import yaml
 
-from edgetune import models
+from edgetune import folders, models
+from edgetune.config import as_dict
 from edgetune.errors import EdgetuneError
 from edgetune.export.config import ExportConfig
-from edgetune.runfiles import ADAPTER_CONFIG, RUN_CONFIG
+from edgetune.folders import EXPORT_MARKERS
+from edgetune.runfiles import ADAPTER_CONFIG, EXPORT_CONFIG, RUN_CONFIG
+from edgetune.signals import deferred, stop_on_signals
 
 
 @dataclass(frozen=True)
@@ -93,33 +97,48 @@ def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
 
 def _publish(tmp: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after that succeeded."""
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    with deferred():
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        folders.fsync_dir(out.parent)
+    folders.remove_tree(old)
+
+
+def _check_output(config: ExportConfig, out: Path) -> None:
+    """Refuse a folder edgetune did not make, and an export that would be replaced without --force."""
+    if folders.inspect_output(out, EXPORT_MARKERS) == "ours" and not config.force:
+        raise EdgetuneError(f"output folder {out} holds an export: pass --force to replace it "
+                            "or --output elsewhere")
+
+
+def _run_lock(source: Source):
+    """The run folder's lock, when exporting an edgetune run: no training may write it meanwhile."""
+    from contextlib import nullcontext
+
+    run = source.adapter_dir
+    if run is None or not (run / RUN_CONFIG).is_file() or not os.access(run, os.W_OK):
+        return nullcontext()  # (no process can train into a folder it cannot write)
+    return folders.folder_lock(run, f"run folder {run}", verb="edgetune export")
 
 
 def main(config: ExportConfig) -> int:
-    source = read_source(config)
-    out = Path(config.output).expanduser() if config.output else source.default_output
-    if out.exists() and not config.force:
-        raise EdgetuneError(f"output folder {out} exists: pass --force to replace it "
-                            "or --output elsewhere")
-    if config.gguf_adapter and source.adapter_dir is None:
-        raise EdgetuneError(f"--gguf-adapter: {config.run} is a model, "
-                            "not a training run with an adapter")
-    formats = plan_formats(config, source.model_dir)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        from edgetune.export.pipeline import export_files
-
-        rows = export_files(config, source, tmp, formats)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with stop_on_signals():
+        source = read_source(config)
+        out = Path(config.output).expanduser() if config.output else source.default_output
+        _check_output(config, out)
+        if config.gguf_adapter and source.adapter_dir is None:
+            raise EdgetuneError(f"--gguf-adapter: {config.run} is a model, "
+                                "not a training run with an adapter")
+        formats = plan_formats(config, source.model_dir)
+        with folders.disk_errors(out.parent):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        with _run_lock(source), folders.sibling_lock(out, f"export folder {out}",
+                                                      verb="edgetune export"):
+            _check_output(config, out)
+            folders.remove_leftovers(out.parent, prefix=f".{out.name}.")
+            rows = _write(config, source, out, formats)
     if rows:
         from edgetune.export.report import table
 
@@ -129,3 +148,20 @@ def main(config: ExportConfig) -> int:
     print(f"edgetune: wrote {out}")
     return 0
 
+
+def _write(config: ExportConfig, source: Source, out: Path, formats: Formats) -> list:
+    """Write and verify every file in a temporary folder, then publish it as `out`."""
+    from edgetune.export.pipeline import export_files
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with folders.disk_errors(out.parent, cleanup=[tmp]):
+            tmp.mkdir()
+            settings = {**as_dict(config), "base_model": str(source.model_dir)}
+            (tmp / EXPORT_CONFIG).write_text(yaml.safe_dump(settings, sort_keys=False))
+            rows = export_files(config, source, tmp, formats)
+            folders.fsync_tree(tmp)
+            _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows

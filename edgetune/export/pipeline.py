@@ -1,10 +1,17 @@
 """The export pipeline: every file of one export written and verified inside its temporary folder
 (command.py publishes the folder once all of it passed)."""
 
+import math
 import shutil
 from pathlib import Path
 
+from edgetune import folders
 from edgetune.export.report import Verification, write
+
+# Bytes per weight on disk, an upper bound per file kind (the k-quant mixes keep some tensors at
+# 6 or 8 bits; an ONNX build writes an fp32 model first and quantizes it beside).
+BYTES_PER_WEIGHT = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 0.9, "q5_k_m": 0.8,
+                    "q4_k_m": 0.7, "q4_0": 0.7, "onnx-fp32": 4.0, "onnx-int8": 5.0, "onnx-int4": 4.7}
 
 
 def _say(message: str) -> None:
@@ -22,6 +29,7 @@ def export_files(config, source, tmp: Path, formats) -> list[Verification]:
 
     work = tmp / ".work"  # intermediate files; removed before the folder is published
     model_dir = source.model_dir
+    folders.require_space(tmp.parent, needed_bytes(config, source, formats), "this export")
     if source.adapter_dir is not None:
         _say(f"merging {source.adapter_dir} into {source.model_dir.name}")
         model_dir = merge(source.model_dir, source.adapter_dir, work / "merged")
@@ -45,6 +53,33 @@ def export_files(config, source, tmp: Path, formats) -> list[Verification]:
         write(rows, tmp)
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def n_weights(model_dir: Path) -> int:
+    """Weights in an HF folder, read from the safetensors headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    from edgetune.hf import weight_files
+
+    total = 0
+    for file in weight_files(Path(model_dir)):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    return total
+
+
+def needed_bytes(config, source, formats) -> int:
+    """What the export's files take at their largest, intermediates included (an upper bound)."""
+    weights = n_weights(source.model_dir)
+    kinds = list(formats.gguf) + [f"onnx-{p}" for p in formats.onnx]
+    if any(k in formats.gguf for k in ("q6_k", "q5_k_m", "q4_k_m", "q4_0")) and "f16" not in kinds:
+        kinds.append("f16")  # the intermediate llama.cpp quantizes from
+    if config.gguf_adapter:
+        kinds.append("f16")
+    total = sum(BYTES_PER_WEIGHT.get(k, 4.0) for k in kinds) * weights
+    if source.adapter_dir is not None:
+        total += 4 * weights  # the fp32 merged model
+    return int(total)
 
 
 def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], reference,

@@ -2,52 +2,121 @@
 
 import dataclasses
 import math
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from edgetune import models
-from edgetune.config import as_dict
+from edgetune import folders, models
 from edgetune.errors import EdgetuneError
+from edgetune.folders import RUN_MARKERS, say
 from edgetune.records import read_jsonl
-from edgetune.runfiles import RUN_CONFIG, TOKENIZER
+from edgetune.runfiles import RUN_CONFIG
+from edgetune.signals import stop_on_signals
 from edgetune.train.config import TrainConfig
-from edgetune.train.data import Batches, encode, fit_to_length, split
+from edgetune.train.data import encode, fit_to_length, split
+from edgetune.train.resume import recorded_settings, resumed_config, truncate_log
 from edgetune.units import parse_size
-
-# Settings a resumed run may change; everything else is taken from the run it continues.
-RESUMABLE = {"resume", "force", "progress", "threads", "ram", "save_every", "keep_checkpoints",
-             "cache_dir", "output"}
 
 
 def main(config: TrainConfig) -> int:
     summary = train(config)
     if summary.interrupted:
-        print(f"edgetune: interrupted at step {summary.steps}; checkpoint written. "
-              f"Continue with: edgetune train --resume --output {config.output}")
-        return 130
+        say(f"interrupted at step {summary.steps}; checkpoint written. "
+            f"Continue with: edgetune train --resume --output {config.output}")
+        return summary.exit_status
     if summary.stopped_for_memory:
         return 3
     return 0
 
 
+@dataclass
+class Setup:
+    """Everything a run needs that can be checked before a model loads or a file is written."""
+
+    config: TrainConfig
+    model_dir: Path
+    device: str
+    dtype: Any
+    tokenizer: Any
+    train_set: list
+    eval_set: list
+    total: int
+
+
 def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> Any:
-    """Run `config` to completion (or interruption) and return the loop's Summary."""
+    """Run `config` to completion (or interruption) and return the loop's Summary.
+
+    Every setting and file is checked before anything is written or a model loads. The run folder is
+    locked while the run lasts; SIGINT and SIGTERM end it with a checkpoint (see signals.py).
+    """
+    with stop_on_signals():
+        run_dir = Path(config.output).expanduser()
+        if config.resume:
+            return _resume(config, run_dir, on_step)
+        return _fresh(config, run_dir, on_step)
+
+
+def _lock(run_dir: Path):
+    return folders.folder_lock(run_dir, f"run folder {run_dir}", verb="edgetune train")
+
+
+def _check_output(config: TrainConfig, run_dir: Path) -> None:
+    """Refuse a folder edgetune did not make, and a run that would be replaced without --force."""
+    if folders.inspect_output(run_dir, RUN_MARKERS) == "ours" and not config.force:
+        raise EdgetuneError(f"output folder {run_dir} holds a run: pass --force to replace it "
+                            "or --resume to continue it")
+
+
+def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any:
+    _check_output(config, run_dir)
+    setup = prepare(config)  # a bad flag, file or model fails here, before anything is written
+    model = load_model(setup)  # only now, with everything read and loaded, is a folder made
+    with folders.disk_errors(run_dir.parent):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(run_dir):
+        _check_output(config, run_dir)  # again, now that no other process can be writing it
+        with folders.disk_errors(run_dir):
+            folders.clear(run_dir)
+        text = yaml.safe_dump(recorded_settings(setup.config), sort_keys=False)
+        folders.write_text_atomic(run_dir / RUN_CONFIG, text)
+        return _run(setup, model, run_dir, None, on_step)
+
+
+def _resume(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any:
+    from edgetune.train.checkpoint import completed, step_of
+
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise EdgetuneError(f"--resume: {run_dir} is not an edgetune run (no {RUN_CONFIG})")
+    with _lock(run_dir):
+        config, changes = resumed_config(config, run_dir)
+        setup = prepare(config)
+        model = load_model(setup)
+        for folder in (run_dir, run_dir / "checkpoints"):  # what an interrupted process left
+            folders.remove_leftovers(folder)
+        start = (completed(run_dir) or [None])[-1]
+        step = step_of(start) if start else 0
+        truncate_log(run_dir, step)
+        changed = f"; changed: {', '.join(changes)}" if changes else ""
+        if start is None:
+            print(f"edgetune: {run_dir} has no checkpoint yet: starting it again from step 0 with its "
+                  f"recorded settings{changed}")
+        else:
+            print(f"edgetune: resuming {run_dir} at step {step} of {setup.total} with its recorded "
+                  f"settings{changed}")
+        return _run(setup, model, run_dir, start, on_step)
+
+
+def prepare(config: TrainConfig) -> Setup:
+    """Check the data, device and model and tokenize; loads no weights and writes no run file."""
     import torch
 
     from edgetune.train import model as model_lib
-    from edgetune.train.heap import MemoryGuard, lean_heap
-    from edgetune.train.loop import Loop
-    from edgetune.train.optim import cosine_schedule, make_optimizer
 
-    run_dir = Path(config.output)
-    config = _check_run_dir(config, run_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    records = read_records(config)  # cheap checks first: a bad file fails before any model loads
+    records = read_records(config)  # cheap checks first: a bad file fails before the model resolves
     device = model_lib.pick_device(config.device)
     dtype = model_lib.pick_dtype(config.dtype, device)
     model_dir = models.resolve(config.model, config.cache_dir)
@@ -58,71 +127,55 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     train_set, eval_set = load_examples(config, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    return Setup(config, model_dir, device, dtype, tokenizer, train_set, eval_set, total)
 
-    base = model_lib.load_base(model_dir, dtype, device, config.quant, config.double_quant)
-    model = model_lib.add_lora(base, config.rank, config.alpha, config.dropout, config.modules,
-                               config.seed, config.grad_checkpointing)
-    _prepare_run_dir(config, run_dir)  # only now, with everything read and loaded, is a folder made
+
+def load_model(setup: Setup) -> Any:
+    """The base model with fresh LoRA layers (a resumed run loads its checkpoint into them)."""
+    from edgetune.train import model as model_lib
+
+    config = setup.config
+    base = model_lib.load_base(setup.model_dir, setup.dtype, setup.device, config.quant,
+                               config.double_quant)
+    return model_lib.add_lora(base, config.rank, config.alpha, config.dropout, config.modules,
+                              config.seed, config.grad_checkpointing)
+
+
+def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
+         on_step: Callable | None) -> Any:
+    """Train (from checkpoint `start`, if any) and write the adapter."""
+    from edgetune.train import model as model_lib
+    from edgetune.train.checkpoint import save_adapter
+    from edgetune.train.curves import update
+    from edgetune.train.data import Batches
+    from edgetune.train.heap import MemoryGuard, lean_heap
+    from edgetune.train.loop import Loop
+    from edgetune.train.optim import cosine_schedule, make_optimizer
+
+    config, total = setup.config, setup.total
     trainable, params = model_lib.parameter_counts(model)
     print(f"edgetune: {config.model}: {params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
-          f"(LoRA rank {config.rank}); {len(train_set)} train / {len(eval_set)} eval examples; "
-          f"{total} steps on {device} in {str(dtype).removeprefix('torch.')}")
+          f"(LoRA rank {config.rank}); {len(setup.train_set)} train / {len(setup.eval_set)} eval "
+          f"examples; {total} steps on {setup.device} in {str(setup.dtype).removeprefix('torch.')}")
     optimizer = make_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad],
-                               config.lr, config.weight_decay, device)
+                               config.lr, config.weight_decay, setup.device)
     scheduler = cosine_schedule(optimizer, int(config.warmup * total), total)
-    batches = Batches(train_set, config.batch_size, config.seed, _pad_id(tokenizer))
+    batches = Batches(setup.train_set, config.batch_size, config.seed, _pad_id(setup.tokenizer))
     guard = MemoryGuard(parse_size(config.ram)) if config.ram else None
-    loop = Loop(model, optimizer, scheduler, batches, eval_set, run_dir, config, total, guard)
-    if config.resume:
-        from edgetune.train.checkpoint import completed
-
-        loop.restore(completed(run_dir)[-1])
-        print(f"edgetune: resuming {run_dir} at step {loop.step} of {total}")
+    loop = Loop(model, optimizer, scheduler, batches, setup.eval_set, run_dir, config, total, guard)
+    if start is not None:
+        loop.restore(start)
     with lean_heap(config.grad_checkpointing) as release:  # the memory-first setting: see lean_heap
         summary = loop.run(on_step, after_step=release)
     if summary.stopped_for_memory:
         print(f"edgetune: stopped at step {summary.steps} to stay inside --ram {config.ram}: "
-              f"{guard.message}; checkpoint written. {_suggestion(config, model_dir, dtype)}")
+              f"{guard.message}; checkpoint written. "
+              f"{_suggestion(config, setup.model_dir, setup.dtype)}")
     elif not summary.interrupted:
-        from edgetune.train.checkpoint import save_adapter
-        from edgetune.train.curves import update
-
-        save_adapter(run_dir, model)
-        tokenizer.save_pretrained(run_dir / TOKENIZER)
+        save_adapter(run_dir, model, setup.tokenizer)
         update(run_dir, title=config.output)
         _report(summary, run_dir)
     return summary
-
-
-def _check_run_dir(config: TrainConfig, run_dir: Path) -> TrainConfig:
-    """Refuse to overwrite a run by accident; on --resume, continue the run's own settings."""
-    if config.resume:
-        saved_file = run_dir / RUN_CONFIG
-        if not saved_file.is_file():
-            raise EdgetuneError(f"--resume: {run_dir} is not an edgetune run (no {RUN_CONFIG})")
-        from edgetune.train.checkpoint import completed
-
-        if not completed(run_dir):
-            raise EdgetuneError(f"--resume: {run_dir} has no checkpoint to continue from")
-        saved = yaml.safe_load(saved_file.read_text())
-        given = {k: v for k, v in dataclasses.asdict(config).items() if k in RESUMABLE}
-        return TrainConfig(**{**saved, **given})
-    if run_dir.exists() and not config.force:
-        raise EdgetuneError(f"output folder {run_dir} exists: pass --force to replace it "
-                            "or --resume to continue it")
-    return config
-
-
-def _prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
-    """Only now, with the data checked, is an old run replaced."""
-    if config.resume:
-        return
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    tmp = run_dir / f".{RUN_CONFIG}.tmp"
-    tmp.write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
-    os.replace(tmp, run_dir / RUN_CONFIG)
 
 
 def _tokenizer(model_dir: Path) -> Any:

@@ -2,8 +2,9 @@
 
 from dataclasses import dataclass
 
-from edgetune.config import option
+from edgetune.config import given_field, option
 from edgetune.errors import EdgetuneError
+from edgetune.units import parse_size
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -17,8 +18,9 @@ class TrainConfig:
     eval_data: str | None = option(None, "validation data, JSONL; default: split off --eval-split")
     eval_split: float = option(0.05, "fraction of --data held out for validation when no --eval-data")
     output: str = option("edgetune-run", "run folder: PEFT adapter, config, log and checkpoints")
-    force: bool = option(False, "replace an existing run folder")
-    resume: bool = option(False, "continue the run in --output from its last checkpoint")
+    force: bool = option(False, "replace an existing run folder (only one edgetune made, or an empty one)")
+    resume: bool = option(False, "continue the run in --output from its last checkpoint, with its "
+                                 "recorded settings; flags given here change only what they name")
     seq_len: int = option(512, "longest sequence in tokens; longer examples are truncated")
     batch_size: int = option(4, "examples per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
@@ -44,22 +46,30 @@ class TrainConfig:
     seed: int = option(0, "seed for LoRA init, data order and the split")
     save_every: int = option(50, "write a checkpoint every N optimizer steps (0: only at the end)")
     eval_every: int = option(50, "evaluate every N optimizer steps (0: only at the end)")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep (0: all)")
     ram: str | None = option(None, "memory budget, e.g. 8gb: stop cleanly before RSS would pass it")
     plan: str | None = option(None, "auto: choose quant, rank, batch and checkpointing for --ram",
                               choices=("auto",))
     cache_dir: str | None = option(None, "where GGUF models are cached as HF checkpoints "
                                    "(default: $EDGETUNE_CACHE or ~/.cache/edgetune)")
     progress: bool = option(True, "show a progress bar")
+    given: frozenset[str] | None = given_field()
 
     def __post_init__(self) -> None:
         if self.data is None and not self.resume:
             raise EdgetuneError("no training data: pass --data FILE.jsonl (or data: in the YAML)")
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "rank": self.rank}
+                    "grad_accum": self.grad_accum, "rank": self.rank,
+                    "threads": 1 if self.threads is None else self.threads}
         for name, value in positive.items():
             if value < 1:
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        counts = {"save_every": self.save_every, "eval_every": self.eval_every,
+                  "keep_checkpoints": self.keep_checkpoints}
+        for name, value in counts.items():
+            if value < 0:
+                raise EdgetuneError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        self._check_values()
         if self.steps is not None and self.steps < 1:
             raise EdgetuneError(f"--steps must be at least 1, got {self.steps}")
         if not 0 <= self.eval_split < 1:
@@ -72,6 +82,22 @@ class TrainConfig:
             raise EdgetuneError("--plan auto needs a budget: pass --ram, e.g. --ram 8gb")
         if self.resume and self.force:
             raise EdgetuneError("--resume continues a run and --force replaces it: pass only one")
+
+    def _check_values(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise EdgetuneError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha <= 0 or self.weight_decay < 0:
+            raise EdgetuneError("--alpha must be positive and --weight-decay 0 or more")
+        if not self.modules:
+            raise EdgetuneError("--target-modules names no module: pass all-linear or names such "
+                                "as q_proj,v_proj")
+        if self.ram is not None:
+            try:
+                parse_size(self.ram)
+            except EdgetuneError as exc:
+                raise EdgetuneError(f"--ram {self.ram}: {exc}") from None
+        if not self.output:
+            raise EdgetuneError("--output must name a folder")
 
     @property
     def modules(self) -> str | list[str]:

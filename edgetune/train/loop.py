@@ -8,8 +8,10 @@ from typing import Any, Callable
 
 import torch
 
+from edgetune import folders, signals
 from edgetune.constants import IGNORE
 from edgetune.runfiles import TRAIN_LOG
+from edgetune.signals import deferred
 from edgetune.train import checkpoint, curves
 from edgetune.train.data import Batches, Example, collate, n_tokens, pack
 from edgetune.train.heap import MemoryGuard, peak_rss, rss
@@ -26,6 +28,7 @@ class Summary:
     interrupted: bool = False
     stopped_for_memory: bool = False
     history: list = field(default_factory=list)
+    exit_status: int = 0  # 128 + the signal that interrupted the run (130 Ctrl-C, 143 SIGTERM)
 
 
 class Loop:
@@ -37,7 +40,7 @@ class Loop:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.batches, self.eval_examples, self.run_dir = batches, eval_examples, run_dir
         self.config, self.total_steps, self.guard = config, total_steps, guard
-        self.step = 0
+        self.step = self.saved_step = 0
         self.device = next(p.device for p in model.parameters())
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.history: list[dict] = []
@@ -48,6 +51,12 @@ class Loop:
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over grad_accum micro-batches; returns (mean loss, tokens seen)."""
+        loss, tokens = self.backward()
+        self.update()
+        return loss, tokens
+
+    def backward(self) -> tuple[float, int]:
+        """Forward and backward passes of one step: the part a signal may cut short."""
         micro = [to_device(self.batches.next(), self.device) for _ in range(self.config.grad_accum)]
         n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         total = 0.0
@@ -56,12 +65,15 @@ class Loop:
             loss_sum, _ = causal_lm_loss(self.model, batch)
             (loss_sum / n_labels).backward()
             total += loss_sum.item()
+        return total / n_labels, sum(n_tokens(b) for b in micro)
+
+    def update(self) -> None:
+        """Apply the gradients: clip, optimizer and schedule, step count."""
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / n_labels, sum(n_tokens(b) for b in micro)
 
     def evaluate(self) -> float | None:
         """Mean token loss over the validation set."""
@@ -83,29 +95,35 @@ class Loop:
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state(state["data"])
         self.history = state.get("history", [])
-        self.step = state["step"]
+        self.step = self.saved_step = state["step"]
         checkpoint.set_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
         path = checkpoint.save(self.run_dir, self.step, self.model, self.state(),
                                self.config.keep_checkpoints)
+        self.saved_step = self.step
         curves.update(self.run_dir, title=self.config.output)
         return path
 
     def log(self, record: dict) -> None:
         self.history.append(record)
-        with (self.run_dir / TRAIN_LOG).open("a") as stream:
+        log_file = self.run_dir / TRAIN_LOG
+        with folders.disk_errors(self.run_dir), log_file.open("a") as stream:
             stream.write(json.dumps(record) + "\n")
 
     def run(self, on_step: Callable[[int], None] | None = None,
             after_step: Callable[[], None] | None = None) -> Summary:
-        """Train to `total_steps`; Ctrl-C or the memory guard ends early with a checkpoint.
+        """Train to `total_steps`; a signal (Ctrl-C, SIGTERM) or the memory guard ends early with a
+        checkpoint.
 
-        `on_step(step)` is called before each step, `after_step()` after it.
+        `on_step(step)` is called before each step, `after_step()` after it. Only the forward and
+        backward passes are cut short by a signal (the step then did not happen); from the update to
+        the checkpoint a step completes as one piece (see signals.deferred).
         """
-        bar = _progress(self.config.progress, self.total_steps, self.step)
+        self.bar = _progress(self.config.progress, self.total_steps, self.step)
         tokens, seconds, last_loss, eval_loss = 0, 0.0, None, None
-        interrupted = stopped = False
+        stop: KeyboardInterrupt | None = None
+        stopped = False
         try:
             while self.step < self.total_steps:
                 position = self.batches.state()
@@ -113,37 +131,46 @@ class Loop:
                     if on_step is not None:
                         on_step(self.step)
                     started = time.perf_counter()
-                    last_loss, n_tokens = self.train_step()
-                    if after_step is not None:
-                        after_step()
-                except KeyboardInterrupt:
+                    last_loss, n_tokens = self.backward()
+                except KeyboardInterrupt as exc:
                     self.batches.load_state(position)  # the step did not happen
                     self.optimizer.zero_grad(set_to_none=True)
-                    interrupted = True
+                    stop = exc
                     break
-                elapsed = time.perf_counter() - started
-                tokens, seconds = tokens + n_tokens, seconds + elapsed
-                record = {"step": self.step, "loss": round(last_loss, 6),
-                          "lr": self.scheduler.get_last_lr()[0],
-                          "tokens_per_s": round(n_tokens / elapsed, 1),
-                          "rss_mb": round(rss() / 2**20)}
-                if _due(self.step, self.config.eval_every, self.total_steps) and self.eval_examples:
-                    eval_loss = record["eval_loss"] = self.evaluate()
-                self.log(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens / seconds:.0f}",
-                                rss=f"{rss() / 2**30:.2f}G", refresh=False)
-                if self.guard is not None and self.guard.should_stop():
-                    stopped = True
+                with deferred():
+                    self.update()
+                    if after_step is not None:
+                        after_step()
+                    elapsed = time.perf_counter() - started
+                    tokens, seconds = tokens + n_tokens, seconds + elapsed
+                    eval_loss = self._record(last_loss, n_tokens, elapsed, eval_loss, tokens / seconds)
+                    stopped = self.guard is not None and self.guard.should_stop()
+                    if not stopped and _due(self.step, self.config.save_every, self.total_steps):
+                        self.save_checkpoint()
+                if stopped:
                     break
-                if _due(self.step, self.config.save_every, self.total_steps):
-                    self.save_checkpoint()
+        except KeyboardInterrupt as exc:  # held during a step, raised once it was complete
+            stop = exc
         finally:
-            bar.close()
-        if (interrupted or stopped) and self.step > 0:
+            self.bar.close()
+        if (stop is not None or stopped) and self.step > self.saved_step:
             self.save_checkpoint()
         return Summary(self.step, last_loss, eval_loss, tokens / seconds if seconds else 0.0,
-                       peak_rss(), interrupted, stopped, self.history)
+                       peak_rss(), stop is not None, stopped, self.history,
+                       signals.exit_status(stop) if stop is not None else 0)
+
+    def _record(self, loss: float, n_tokens: int, elapsed: float, eval_loss: float | None,
+                speed: float) -> float | None:
+        """Log the step just taken (evaluating when due); returns the latest eval loss."""
+        record = {"step": self.step, "loss": round(loss, 6), "lr": self.scheduler.get_last_lr()[0],
+                  "tokens_per_s": round(n_tokens / elapsed, 1), "rss_mb": round(rss() / 2**20)}
+        if _due(self.step, self.config.eval_every, self.total_steps) and self.eval_examples:
+            eval_loss = record["eval_loss"] = self.evaluate()
+        self.log(record)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}",
+                             rss=f"{rss() / 2**30:.2f}G", refresh=False)
+        return eval_loss
 
 
 def to_device(batch: dict, device: Any) -> dict:
