@@ -12,7 +12,7 @@ LAYERS = (
     ("core", ("edgetune", "edgetune.errors", "edgetune.units", "edgetune.config", "edgetune.constants",
               "edgetune.runfiles", "edgetune.tables", "edgetune.metrics", "edgetune.hardware",
               "edgetune.shape", "edgetune.hf", "edgetune.records", "edgetune.models",
-              "edgetune.templates", "edgetune.examples")),
+              "edgetune.templates", "edgetune.examples", "edgetune.folders", "edgetune.signals")),
     ("devices", ("edgetune.devices",)),
     ("plan", ("edgetune.plan",)),
     ("train", ("edgetune.train",)),
