@@ -76,7 +76,7 @@ def build(cls: type, yaml_path: str | None = None, overrides: dict | None = None
     known = {f.name for f in _settings(cls)}
     if yaml_path is not None:
         values.update(_read_yaml(yaml_path, known))
-    values.update({k: v for k, v in (overrides or {}).items() if k in known})
+    values.update(overrides or {})
     for name, value in values.items():
         values[name] = _coerce(cls, name, value)
     given = frozenset(values) - {"config"}

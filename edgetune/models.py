@@ -115,9 +115,7 @@ def content_key(path: Path) -> str:
 
 def _converted_bytes(path: Path) -> int:
     """The size of the fp32 checkpoint a GGUF converts to (4 bytes a weight, plus the tokenizer)."""
-    from gguf import GGUFReader
-
-    return 4 * sum(int(t.n_elements) for t in GGUFReader(path).tensors) + 2**25
+    return 4 * sum(int(t.n_elements) for t in read_gguf(path).tensors) + 2**25
 
 
 def gguf_to_hf(path: Path, cache_dir: str | None = None) -> Path:

@@ -18,7 +18,8 @@ class TrainConfig:
     eval_data: str | None = option(None, "validation data, JSONL; default: split off --eval-split")
     eval_split: float = option(0.05, "fraction of --data held out for validation when no --eval-data")
     output: str = option("edgetune-run", "run folder: PEFT adapter, config, log and checkpoints")
-    force: bool = option(False, "replace an existing run folder (only one edgetune made, or an empty one)")
+    force: bool = option(False, "replace an existing run folder (only one edgetune made, or an "
+                                "empty one)")
     resume: bool = option(False, "continue the run in --output from its last checkpoint, with its "
                                  "recorded settings; flags given here change only what they name")
     seq_len: int = option(512, "longest sequence in tokens; longer examples are truncated")
