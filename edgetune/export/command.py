@@ -16,6 +16,8 @@ from edgetune.errors import EdgetuneError
 from edgetune.export.config import ExportConfig
 from edgetune.runfiles import ADAPTER_CONFIG, RUN_CONFIG
 
+REJECTED_SUFFIX = ".rejected"  # --keep-failed: where an export that failed verification is kept
+
 
 @dataclass(frozen=True)
 class Source:
@@ -23,7 +25,7 @@ class Source:
 
     model_dir: Path  # the base model's HF folder
     adapter_dir: Path | None
-    eval_data: str | None
+    run_config: dict | None  # the training run's settings (edgetune_run.yaml), if RUN is a run
     default_output: Path
 
 
@@ -46,7 +48,7 @@ def _source(config: ExportConfig) -> Source:
         if not saved.get("model"):
             raise EdgetuneError(f"{run}/{RUN_CONFIG} does not name the base model (model:)")
         base = models.resolve(str(saved["model"]), config.cache_dir or saved.get("cache_dir"))
-        return Source(base, run, saved.get("eval_data"), run / "export")
+        return Source(base, run, saved, run / "export")
     if (run / ADAPTER_CONFIG).is_file():
         base_ref = read_adapter_config(run).get("base_model_name_or_path")
         if not base_ref:
@@ -91,6 +93,18 @@ def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
     return formats
 
 
+def _check_imatrix_available(config: ExportConfig, source: Source, formats: Formats) -> None:
+    """Refuse early the types llama.cpp makes only with an importance matrix when none will exist."""
+    from edgetune.export.quantize import NEEDS_IMATRIX
+
+    needs = [t for t in formats.gguf if t in NEEDS_IMATRIX]
+    if needs and (config.imatrix == "none" or (config.imatrix == "auto" and source.run_config is None)):
+        why = "--imatrix none" if config.imatrix == "none" else f"{config.run} is not a training run"
+        raise EdgetuneError(f"--gguf {needs[0]}: llama.cpp makes it only with an importance matrix, "
+                            f"and there is none ({why}): export a training run (its training data "
+                            "calibrates one) or pass --imatrix FILE")
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after that succeeded."""
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
@@ -110,14 +124,23 @@ def main(config: ExportConfig) -> int:
         raise EdgetuneError(f"--gguf-adapter: {config.run} is a model, "
                             "not a training run with an adapter")
     formats = plan_formats(config, source.model_dir)
+    _check_imatrix_available(config, source, formats)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    rejected = out.with_name(out.name + REJECTED_SUFFIX)
+    from edgetune.export.verify import VerificationFailed
+
     try:
         from edgetune.export.pipeline import export_files
 
-        rows = export_files(config, source, tmp, formats)
+        rows = export_files(config, source, tmp, formats, rejected if config.keep_failed else None)
         _publish(tmp, out)
+    except VerificationFailed:
+        if config.keep_failed:
+            shutil.rmtree(rejected, ignore_errors=True)
+            tmp.rename(rejected)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if rows:

@@ -2,6 +2,7 @@
 (command.py publishes the folder once all of it passed)."""
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune.export.report import Verification, write
@@ -11,12 +12,15 @@ def _say(message: str) -> None:
     print(f"edgetune: {message}", flush=True)
 
 
-def export_files(config, source, tmp: Path, formats) -> list[Verification]:
-    """Write every requested file into `tmp`, verify each, write report.json; returns the rows."""
+def export_files(config, source, tmp: Path, formats, rejected: Path | None = None) -> list[Verification]:
+    """Write every requested file into `tmp`, verify each, write report.json; returns the rows.
+
+    `rejected` is where command.py keeps the folder when verification fails (--keep-failed).
+    """
     from transformers import AutoTokenizer
 
     from edgetune.export.gguf_vocab import chat_stops
-    from edgetune.export.heldout import held_out_ids
+    from edgetune.export.heldout import held_out_ids, run_examples
     from edgetune.export.merge import merge
     from edgetune.export.verify import require_passed, torch_reference
 
@@ -26,10 +30,12 @@ def export_files(config, source, tmp: Path, formats) -> list[Verification]:
         _say(f"merging {source.adapter_dir} into {source.model_dir.name}")
         model_dir = merge(source.model_dir, source.adapter_dir, work / "merged")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = held_out_ids(tokenizer, source.eval_data, config.positions)
+    train, held = run_examples(source.run_config, tokenizer) if source.run_config else ([], [])
+    ids = held_out_ids(tokenizer, held, config.positions)
     reference = torch_reference(model_dir, ids) if config.verify else None
     chat = (tokenizer.chat_template, chat_stops(tokenizer))
-    rows = gguf_models(model_dir, tmp, work, formats.gguf, reference, chat)
+    calibration = Calibration(config.imatrix, train, (source.run_config or {}).get("data"))
+    rows = gguf_models(model_dir, tmp, work, formats.gguf, reference, chat, calibration)
     if config.gguf_adapter:
         rows.append(gguf_adapter(source, tmp, reference, chat))
     for precision in formats.onnx:
@@ -40,15 +46,45 @@ def export_files(config, source, tmp: Path, formats) -> list[Verification]:
         rows.append(export_onnx(model_dir, tmp / folder, precision, formats.onnx_generic, ids,
                                 max_length=config.ctx if config.target else None))
     rows = [r for r in rows if r is not None]
-    if config.verify:
-        require_passed(rows)
-        write(rows, tmp)
     shutil.rmtree(work, ignore_errors=True)
+    if config.verify:
+        write(rows, tmp)
+        require_passed(rows, str(rejected) if rejected else None)
     return rows
 
 
-def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], reference,
-                chat: tuple) -> list[Verification]:
+@dataclass(frozen=True)
+class Calibration:
+    """Where the importance matrix comes from: --imatrix and the run's training examples."""
+
+    mode: str  # auto, none or a file
+    train: list  # token ids per training example
+    data: str | None  # the training data file, named in imatrix.gguf
+
+    def matrix(self, model_dir: Path, f16: Path, out: Path) -> tuple[dict | None, str]:
+        """({GGUF weight name: mean x^2}, report note) for quantizing, or (None, note)."""
+        from edgetune.export import imatrix
+
+        if self.mode == "none":
+            return None, "no importance matrix (--imatrix none)"
+        if self.mode != "auto":
+            loaded = imatrix.read(Path(self.mode).expanduser())
+            imatrix.check(loaded, f16, self.mode)
+            return loaded.means(), f"importance matrix from {self.mode}"
+        if not self.train:
+            _say("no training data to calibrate an importance matrix with: quantizing without one "
+                 "(--imatrix FILE uses one made elsewhere)")
+            return None, "no importance matrix (no training data)"
+        chunks = imatrix.calibration_chunks(self.train)
+        tokens = sum(len(c) for c in chunks)
+        _say(f"computing the importance matrix over {tokens} tokens of {self.data}")
+        computed = imatrix.compute(model_dir, chunks, [str(self.data)])
+        imatrix.write(computed, out)
+        return computed.means(), f"importance matrix {out.name} ({tokens} tokens of {Path(self.data).name})"
+
+
+def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], reference, chat: tuple,
+                calibration: Calibration) -> list[Verification]:
     """model-<type>.gguf for each type (sub-8-bit ones quantized from an f16 file) and Modelfiles."""
     from edgetune.export.gguf import DIRECT_TYPES, write_gguf
     from edgetune.export.modelfile import write_modelfile
@@ -64,10 +100,18 @@ def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], refere
         _say(f"writing model-{kind}.gguf")
         notes[kind] = write_gguf(model_dir, folder / f"model-{kind}.gguf", kind)
     f16 = tmp / "model-f16.gguf" if "f16" in types else work / "model-f16.gguf"
-    for kind in low:
-        _say(f"quantizing model-{kind}.gguf with llama.cpp")
-        notes[kind] = quantize(f16, tmp / f"model-{kind}.gguf", kind)
     rows = []
+    if low:
+        matrix, source = calibration.matrix(model_dir, f16, tmp / "imatrix.gguf")
+        if "f16" not in types and reference is not None:
+            # A wrong layout or hyper-parameter shows in the f16 file llama.cpp quantizes from, where
+            # the gate is tight; the sub-8-bit files themselves are only reported.
+            _say("verifying the intermediate model-f16.gguf in llama.cpp")
+            rows.append(verify_gguf(work, "model-f16.gguf", "f16", reference,
+                                    "intermediate file llama.cpp quantized from; not kept"))
+        for kind in low:
+            _say(f"quantizing model-{kind}.gguf with llama.cpp")
+            notes[kind] = [source] + quantize(f16, tmp / f"model-{kind}.gguf", kind, imatrix=matrix)
     for kind in types:
         write_modelfile(tmp / f"model-{kind}.gguf", *chat)
         if reference is not None:
