@@ -54,7 +54,11 @@ def _skip_rotary_permutation(monkeypatch):
 
 def _swap_layers(monkeypatch):
     swap = {"layers.0.": "layers.1.", "layers.1.": "layers.0."}
-    _with_tensors(monkeypatch, lambda n, a: (next((n.replace(k, v) for k, v in swap.items() if k in n), n), a))
+
+    def rename(name, array):
+        return next((name.replace(k, v) for k, v in swap.items() if k in name), name), array
+
+    _with_tensors(monkeypatch, rename)
 
 
 def _shift_token_ids(monkeypatch):
@@ -193,7 +197,7 @@ def test_failed_export_kept_with_keep_failed(tiny_model, tmp_path, monkeypatch, 
     kept = tmp_path / "out.rejected"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rejected"]
     assert sorted(p.name for p in kept.iterdir()) == ["model-f16.Modelfile", "model-f16.gguf",
-                                                      "report.json"]
+                                                      "report.json", "report.md"]
     row, = json.loads((kept / "report.json").read_text())
     assert not row["passed"] and row["failures"] and row["relative_kld"] >= 0
 
