@@ -67,6 +67,20 @@ def test_genai_int8_runs(tiny_factory, tmp_path, tie):
     assert row.perplexity_ratio == pytest.approx(1.0, abs=0.05)
 
 
+def test_genai_int4_keeps_the_output_layer_at_8_bits(tiny_factory, tmp_path):
+    import onnx
+
+    model = tiny_factory("llama", tie=True)
+    row = export_onnx(model, tmp_path / "onnx", "int4", False, held_out(model))
+    assert row.format == "onnx int4" and row.passed  # reported, not gated
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert {b for name, b in bits.items() if "lm_head" in name} == {8}
+    assert {b for name, b in bits.items() if "layers" in name} == {4}
+    assert 0 < row.relative_kld < 0.5 and row.clear_positions > 0
+
+
 def test_generation_through_onnxruntime_genai(tiny_model, tmp_path):
     import onnxruntime_genai as og
     import torch

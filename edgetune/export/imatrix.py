@@ -15,12 +15,13 @@ from pathlib import Path
 from edgetune.errors import EdgetuneError
 
 CHUNK_TOKENS = 512  # llama-imatrix's default context: calibration text is cut into chunks this long
-MAX_TOKENS = 32768  # enough for a stable mean; more only makes exporting slower
+MAX_TOKENS = 8192  # 16 chunks: export runs the model over them on the CPU, so keep it to a few passes
 
 
 @dataclass
 class Imatrix:
-    """Sums of x^2 ([matrices, input channels], float64) and token counts per GGUF weight name."""
+    """Sums of x^2 ([matrices, input channels]) and token counts per GGUF weight name, in float32 as
+    the file stores them, so a matrix quantizes the same whether computed now or read back."""
 
     sums: dict[str, "object"]
     counts: dict[str, "object"]  # numpy [matrices]
@@ -29,13 +30,15 @@ class Imatrix:
     chunk_size: int
 
     def means(self) -> dict[str, "object"]:
-        """{name: mean x^2 flattened}: what llama.cpp's quantizer takes (llama-quantize divides too)."""
+        """{name: mean x^2 flattened}: what llama.cpp's quantizer takes, divided in float32 with 1
+        where nothing was counted, as llama-quantize does when it loads a file."""
         import numpy as np
 
         out = {}
         for name, sums in self.sums.items():
-            counts = np.asarray(self.counts[name], dtype=np.float64)[:, None]
-            out[name] = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0).ravel()
+            counts = np.asarray(self.counts[name], dtype=np.float32)[:, None]
+            sums = np.asarray(sums, dtype=np.float32)
+            out[name] = np.where(counts > 0, sums / np.maximum(counts, 1), np.float32(1)).ravel()
         return out
 
     @property
@@ -82,7 +85,7 @@ def compute(model_dir: Path, chunks: list[list[int]], datasets: list[str]) -> Im
             body(torch.tensor([ids]))
     for handle in handles:
         handle.remove()
-    return Imatrix({n: s[None, :] for n, s in sums.items()},
+    return Imatrix({n: s[None, :].astype(np.float32) for n, s in sums.items()},
                    {n: np.array([c]) for n, c in counts.items()}, datasets, len(chunks), CHUNK_TOKENS)
 
 
@@ -127,8 +130,8 @@ def read(path: Path) -> Imatrix:
     for name in names:
         if f"{name}.counts" not in tensors:
             raise EdgetuneError(f"--imatrix {path}: {name} has sums but no counts")
-        counts[name] = np.asarray(tensors[f"{name}.counts"].data, np.float64).ravel()
-        sums[name] = np.asarray(tensors[f"{name}.in_sum2"].data, np.float64).reshape(len(counts[name]), -1)
+        counts[name] = np.asarray(tensors[f"{name}.counts"].data, np.float32).ravel()
+        sums[name] = np.asarray(tensors[f"{name}.in_sum2"].data, np.float32).reshape(len(counts[name]), -1)
 
     def field(key, default):
         found = reader.get_field(key)
