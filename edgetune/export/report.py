@@ -17,18 +17,19 @@ class Verification:
     format: str  # e.g. "gguf q8_0", "gguf adapter over f16", "onnx int8"
     size_bytes: int
     positions: int  # next-token positions compared
-    kld_mean: float  # mean KL(torch || file), nats
-    kld_p99: float  # its 99th percentile over positions
-    relative_kld: float  # kld_mean / mean KL(torch || uniform)
     top1_agreement: float  # share of positions where the argmax token matches torch's
-    clear_top1: float | None  # the same at positions where torch's top-2 margin is clear
-    clear_positions: int
     max_logit_diff: float
     perplexity: float  # of the exported file on the held-out text
     torch_perplexity: float  # of the torch merged model on the same text
     decode_tokens_per_s: float | None
     passed: bool
     note: str = ""
+    # The KL-divergence measures (defaults only so that older report.json files still read).
+    kld_mean: float = math.nan  # mean KL(torch || file), nats
+    kld_p99: float = math.nan  # its 99th percentile over positions
+    relative_kld: float = math.nan  # kld_mean / mean KL(torch || uniform)
+    clear_top1: float | None = None  # top-1 at positions where torch's top-2 margin is clear
+    clear_positions: int = 0
     failures: list[str] = field(default_factory=list)  # each failed measure with its threshold
 
     @property
