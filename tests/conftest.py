@@ -80,6 +80,38 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "llama")
 
 
+def train_tiny(model_dir: Path, out: Path, steps: int = 100) -> Path:
+    """`model_dir` after a few seconds of full fine-tuning on CORPUS, saved to `out`.
+
+    A random tiny model is near-uniform (its KL from uniform is ~0.2 nats), so rounding and faults
+    alike move it little; trained, it predicts confidently and leans on attention and positions, so a
+    broken export shows as it would on a real model.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([tokenizer(" ".join(CORPUS[:4] * 8))["input_ids"][:200]])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_model, tmp_path_factory) -> Path:
+    """The tiny llama trained briefly on CORPUS (see train_tiny); read it, do not modify it."""
+    return train_tiny(tiny_model, tmp_path_factory.mktemp("trained") / "llama")
+
+
 @pytest.fixture(scope="session")
 def tiny_factory(tmp_path_factory):
     """Build tiny models of other architectures: tiny_factory('qwen2')."""
@@ -118,22 +150,22 @@ def requires_smollm2(test):
 
 
 def build_adapter(model_dir: Path, out: Path, rank: int = 4, alpha: float = 8.0, rslora: bool = False,
-                  seed: int = 1) -> Path:
-    """A PEFT LoRA adapter on every linear layer of `model_dir`, with random non-zero lora_B
+                  seed: int = 1, modules: str | list[str] = "all-linear", b_std: float = 0.05) -> Path:
+    """A PEFT LoRA adapter on `modules` of `model_dir`, with random non-zero lora_B
     (PEFT starts B at zero, which would make every merge test pass trivially)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", use_rslora=rslora,
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, use_rslora=rslora,
                         lora_dropout=0.0, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05)
+                p.normal_(0, b_std)
     peft_model.save_pretrained(out)
     return out
 

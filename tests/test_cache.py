@@ -48,7 +48,7 @@ def test_copies_of_a_gguf_share_one_conversion_and_the_cache_verb(tiny_model, tm
     assert cli.main(["cache", "list", "--cache-dir", str(cache)]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert converted.name in listing[0] and f"from {first.resolve()}" in listing[0]
-    assert listing[-1].startswith(f"edgetune: 1 cached models, ")
+    assert listing[-1].startswith("edgetune: 1 cached models, ")
     assert cli.main(["cache", "clear", "--cache-dir", str(cache)]) == 0
     assert capsys.readouterr().out.startswith("edgetune: removed 1 cached models")
     assert list((cache / "models").iterdir()) == []

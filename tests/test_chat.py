@@ -10,7 +10,6 @@ from conftest import CHATML, build_adapter, requires_smollm2
 
 from edgetune import cli
 from edgetune.errors import EdgetuneError
-from edgetune.export import verify
 from edgetune.export.config import ExportConfig
 from edgetune.export.llama import load_llama
 from edgetune.export.modelfile import chatml_default_system, modelfile_text
@@ -54,7 +53,7 @@ def test_export_writes_verified_files(exported, capsys):
     page = (exported / "report.md").read_text()
     assert "| model-f16.gguf | gguf f16 |" in page and page.count("| ok |") == 2
     assert [r["format"] for r in rows] == ["gguf f16", "gguf adapter over f16"]
-    assert all(r["passed"] and r["positions"] == 256 and r["top1_agreement"] >= 0.99 for r in rows)
+    assert all(r["passed"] and r["positions"] == 256 and r["relative_kld"] < 0.001 for r in rows)
     assert "FROM ./base-f16.gguf\nADAPTER ./adapter.gguf" in (exported / "adapter.Modelfile").read_text()
     assert not list(exported.parent.glob(".export.tmp-*"))
 
@@ -62,14 +61,6 @@ def test_export_writes_verified_files(exported, capsys):
 def test_existing_output_is_refused(exported, run_dir, capsys):
     assert cli.main(["export", str(run_dir), "--gguf", "f16"]) == 1
     assert "holds an export: pass --force" in capsys.readouterr().err
-
-
-def test_failed_verification_leaves_nothing(run_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(verify.TOP1_THRESHOLDS, "f16", 1.01)  # no file can pass this
-    out = tmp_path / "out"
-    assert cli.main(["export", str(run_dir), "--gguf", "f16", "--output", str(out)]) == 1
-    assert "verification failed: model-f16.gguf (gguf f16) top-1" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_plain_model_exports_as_is(tiny_model, tmp_path):
@@ -81,8 +72,11 @@ def test_plain_model_exports_as_is(tiny_model, tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(EdgetuneError, match="--gguf q3_k: unknown type; valid types: q4_0, q4_k_m"):
+    with pytest.raises(EdgetuneError, match="--gguf q3_k: unknown type; valid types: f16, bf16, q8_0, "
+                                            "q4_0, q4_1, .*, iq4_xs, .*, iq1_s$"):
         ExportConfig(run="r", gguf="q8_0,q3_k")
+    with pytest.raises(EdgetuneError, match="--imatrix nosuch.gguf: no such file; pass auto, none"):
+        ExportConfig(run="r", gguf="q4_k_m", imatrix="nosuch.gguf")
     with pytest.raises(EdgetuneError, match="no format asked for"):
         ExportConfig(run="r")
     assert ExportConfig(run="r", gguf="Q8_0, f16,q8_0").gguf_types == ["q8_0", "f16"]
@@ -132,19 +126,31 @@ def test_smollm2_knows_paris(smollm2_export):
     assert "Paris" in reply
 
 
-def test_held_out_ids_prefer_the_runs_eval_data(tiny_model, run_dir):
+def test_held_out_ids_are_the_runs_eval_data(tiny_model, run_dir):
     from transformers import AutoTokenizer
 
-    from edgetune.export.heldout import HELD_OUT_TEXT, held_out_ids
+    from edgetune.export.heldout import held_out_ids, run_examples
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    eval_file = run_dir.parent / "eval.jsonl"
-    ids = held_out_ids(tokenizer, str(eval_file), 40)
+    settings = yaml.safe_load((run_dir / "edgetune_run.yaml").read_text())
+    train, held = run_examples(settings, tokenizer)
+    assert train == [] and len(held) == 12  # the run names no --data; its --eval-data has 12 records
+    ids = held_out_ids(tokenizer, held, 40)
     assert len(ids) == 41 and tokenizer.decode(ids).startswith("<|im_start|>user\nWhat is the capital")
-    builtin = held_out_ids(tokenizer, None, 256)
-    assert builtin == tokenizer(HELD_OUT_TEXT, add_special_tokens=False)["input_ids"][:257]
-    with pytest.raises(EdgetuneError, match="held-out text has .* tokens but --positions 99999"):
-        held_out_ids(tokenizer, None, 99999)
+
+
+def test_run_examples_repeat_the_trainers_split(tiny_model, alpaca_file):
+    from transformers import AutoTokenizer
+
+    from edgetune.export.heldout import run_examples
+    from edgetune.records import read_jsonl
+    from edgetune.train.data import encode, split
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    settings = {"data": str(alpaca_file), "eval_split": 0.1, "seed": 3, "seq_len": 64}
+    train, held = run_examples(settings, tokenizer)
+    examples = [e.input_ids for e in encode(tokenizer, *read_jsonl(alpaca_file))]
+    assert (train, held) == split(examples, 0.1, 3) and len(held) == 4
 
 
 def test_target_picks_formats_from_the_device_profile(tiny_model, monkeypatch):

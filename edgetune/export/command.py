@@ -20,6 +20,8 @@ from edgetune.folders import EXPORT_MARKERS
 from edgetune.runfiles import ADAPTER_CONFIG, EXPORT_CONFIG, RUN_CONFIG
 from edgetune.signals import deferred, stop_on_signals
 
+REJECTED_SUFFIX = ".rejected"  # --keep-failed: where an export that failed verification is kept
+
 
 @dataclass(frozen=True)
 class Source:
@@ -27,7 +29,7 @@ class Source:
 
     model_dir: Path  # the base model's HF folder
     adapter_dir: Path | None
-    eval_data: str | None
+    run_config: dict | None  # the training run's settings (edgetune_run.yaml), if RUN is a run
     default_output: Path
 
 
@@ -50,7 +52,7 @@ def _source(config: ExportConfig) -> Source:
         if not saved.get("model"):
             raise EdgetuneError(f"{run}/{RUN_CONFIG} does not name the base model (model:)")
         base = models.resolve(str(saved["model"]), config.cache_dir or saved.get("cache_dir"))
-        return Source(base, run, saved.get("eval_data"), run / "export")
+        return Source(base, run, saved, run / "export")
     if (run / ADAPTER_CONFIG).is_file():
         base_ref = read_adapter_config(run).get("base_model_name_or_path")
         if not base_ref:
@@ -95,6 +97,18 @@ def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
     return formats
 
 
+def _check_imatrix_available(config: ExportConfig, source: Source, formats: Formats) -> None:
+    """Refuse early the types llama.cpp makes only with an importance matrix when none will exist."""
+    from edgetune.export.quantize import NEEDS_IMATRIX
+
+    needs = [t for t in formats.gguf if t in NEEDS_IMATRIX]
+    if needs and (config.imatrix == "none" or (config.imatrix == "auto" and source.run_config is None)):
+        why = "--imatrix none" if config.imatrix == "none" else f"{config.run} is not a training run"
+        raise EdgetuneError(f"--gguf {needs[0]}: llama.cpp makes it only with an importance matrix, "
+                            f"and there is none ({why}): export a training run (its training data "
+                            "calibrates one) or pass --imatrix FILE")
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after that succeeded."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -132,6 +146,7 @@ def main(config: ExportConfig) -> int:
             raise EdgetuneError(f"--gguf-adapter: {config.run} is a model, "
                                 "not a training run with an adapter")
         formats = plan_formats(config, source.model_dir)
+        _check_imatrix_available(config, source, formats)
         with folders.disk_errors(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
         with _run_lock(source), folders.sibling_lock(out, f"export folder {out}",
@@ -150,16 +165,27 @@ def main(config: ExportConfig) -> int:
 
 
 def _write(config: ExportConfig, source: Source, out: Path, formats: Formats) -> list:
-    """Write and verify every file in a temporary folder, then publish it as `out`."""
+    """Write and verify every file in a temporary folder, then publish it as `out` (or, with
+    --keep-failed, keep a folder that failed verification as `out.rejected`)."""
     from edgetune.export.pipeline import export_files
+    from edgetune.export.verify import VerificationFailed
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    rejected = out.with_name(out.name + REJECTED_SUFFIX)
     try:
         with folders.disk_errors(out.parent, cleanup=[tmp]):
             tmp.mkdir()
             settings = {**as_dict(config), "base_model": str(source.model_dir)}
             (tmp / EXPORT_CONFIG).write_text(yaml.safe_dump(settings, sort_keys=False))
-            rows = export_files(config, source, tmp, formats)
+            try:
+                rows = export_files(config, source, tmp, formats,
+                                    rejected if config.keep_failed else None)
+            except VerificationFailed:
+                if config.keep_failed:
+                    with deferred():
+                        folders.remove_tree(rejected)
+                        tmp.rename(rejected)
+                raise
             folders.fsync_tree(tmp)
             _publish(tmp, out)
     finally:

@@ -1,11 +1,14 @@
 """`edgetune export` and `edgetune run` settings: defaults, help text and validation."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgetune.config import option
 from edgetune.errors import EdgetuneError
+from edgetune.export.quantize import LLAMA_TYPES
 
-GGUF_TYPES = ("q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16", "bf16")
+GGUF_TYPES = ("f16", "bf16", "q8_0") + LLAMA_TYPES
+IMATRIX_MODES = ("auto", "none")
 ONNX_TYPES = ("fp32", "int8", "int4")
 
 
@@ -27,8 +30,12 @@ class ExportConfig:
                              "built-in name) to export", positional=True, metavar="RUN")
     output: str | None = option(None, "export folder (default: RUN/export)")
     force: bool = option(False, "replace an existing export folder")
-    gguf: str | None = option(None, f"GGUF types, comma-separated: {', '.join(GGUF_TYPES)}",
-                              metavar="TYPES")
+    gguf: str | None = option(None, "GGUF types, comma-separated: f16, bf16, q8_0 or any of "
+                              "llama.cpp's (q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k, iq4_xs, iq3_xxs, ...; "
+                              "docs/export.md lists them)", metavar="TYPES")
+    imatrix: str = option("auto", "importance matrix for types below 8 bits: auto (computed from the "
+                          "run's training data when there is some, saved as imatrix.gguf), none, "
+                          "or an imatrix.gguf FILE made for this model", metavar="auto|none|FILE")
     gguf_adapter: bool = option(False, "also write the LoRA adapter as a llama.cpp GGUF adapter "
                                 "(with the f16 base it applies to)")
     onnx: str | None = option(None, f"ONNX precisions, comma-separated: {', '.join(ONNX_TYPES)}",
@@ -37,7 +44,9 @@ class ExportConfig:
     target: str | None = option(None, "device profile (see `edgetune devices`): choose the formats "
                                 "that fit it when no --gguf/--onnx is given", metavar="DEVICE")
     ctx: int = option(2048, "context length the --target device must hold")
-    verify: bool = option(True, "check every file against the torch model and fail below threshold")
+    verify: bool = option(True, "check every file against the torch model and fail past threshold")
+    keep_failed: bool = option(False, "when a file fails verification, keep the export in "
+                               "OUTPUT.rejected for inspection")
     positions: int = option(256, "held-out next-token positions compared when verifying")
     cache_dir: str | None = option(None, "where GGUF models are cached as HF checkpoints "
                                    "(default: $EDGETUNE_CACHE or ~/.cache/edgetune)")
@@ -52,6 +61,9 @@ class ExportConfig:
                 or self.target):
             raise EdgetuneError("no format asked for: pass --gguf q8_0 (types: "
                                 f"{', '.join(GGUF_TYPES)}), --gguf-adapter, --onnx or --target DEVICE")
+        if self.imatrix not in IMATRIX_MODES and not Path(self.imatrix).expanduser().is_file():
+            raise EdgetuneError(f"--imatrix {self.imatrix}: no such file; pass auto, none or an "
+                                "imatrix.gguf file")
         if self.positions < 1:
             raise EdgetuneError(f"--positions must be at least 1, got {self.positions}")
         if self.ctx < 1:

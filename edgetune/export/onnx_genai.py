@@ -45,6 +45,12 @@ def _options(model_dir: Path, precision: str) -> list[str]:
     if precision == "fp32":
         return []
     options = ["accuracy_level=4", "block_size=32"]
+    if precision == "int4":
+        # k-quant's rounding search, and 8 bits for the output layer (with a tied model, the shared
+        # embedding too) and for llama.cpp's most sensitive matrices (qkv, v, down of the first and
+        # last eighth of the layers and every third one): the builder's plain 4-bit build cost a 135M
+        # model a fifth of its perplexity (docs/export.md).
+        options += ["algo_config=k_quant", "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8"]
     tied = json.loads((Path(model_dir) / "config.json").read_text()).get("tie_word_embeddings", False)
     if precision == "int8" and tied:
         # int8 cannot share a quantized matrix with the embedding's Gather, so the builder would store

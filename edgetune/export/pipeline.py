@@ -3,27 +3,33 @@
 
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgetune import folders
 from edgetune.export.report import Verification, write
 
 # Bytes per weight on disk, an upper bound per file kind (the k-quant mixes keep some tensors at
-# 6 or 8 bits; an ONNX build writes an fp32 model first and quantizes it beside).
-BYTES_PER_WEIGHT = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q6_k": 0.9, "q5_k_m": 0.8,
-                    "q4_k_m": 0.7, "q4_0": 0.7, "onnx-fp32": 4.0, "onnx-int8": 5.0, "onnx-int4": 4.7}
+# 6 or 8 bits; an ONNX build writes an fp32 model first and quantizes it beside). Every GGUF type
+# below 8 bits is at most LOW_BIT_BYTES.
+BYTES_PER_WEIGHT = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "onnx-fp32": 4.0, "onnx-int8": 5.0,
+                    "onnx-int4": 4.7}
+LOW_BIT_BYTES = 0.9
 
 
 def _say(message: str) -> None:
     print(f"edgetune: {message}", flush=True)
 
 
-def export_files(config, source, tmp: Path, formats) -> list[Verification]:
-    """Write every requested file into `tmp`, verify each, write report.json; returns the rows."""
+def export_files(config, source, tmp: Path, formats, rejected: Path | None = None) -> list[Verification]:
+    """Write every requested file into `tmp`, verify each, write report.json; returns the rows.
+
+    `rejected` is where command.py keeps the folder when verification fails (--keep-failed).
+    """
     from transformers import AutoTokenizer
 
     from edgetune.export.gguf_vocab import chat_stops
-    from edgetune.export.heldout import held_out_ids
+    from edgetune.export.heldout import held_out_ids, run_examples
     from edgetune.export.merge import merge
     from edgetune.export.verify import require_passed, torch_reference
 
@@ -34,10 +40,12 @@ def export_files(config, source, tmp: Path, formats) -> list[Verification]:
         _say(f"merging {source.adapter_dir} into {source.model_dir.name}")
         model_dir = merge(source.model_dir, source.adapter_dir, work / "merged")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = held_out_ids(tokenizer, source.eval_data, config.positions)
+    train, held = run_examples(source.run_config, tokenizer) if source.run_config else ([], [])
+    ids = held_out_ids(tokenizer, held, config.positions)
     reference = torch_reference(model_dir, ids) if config.verify else None
     chat = (tokenizer.chat_template, chat_stops(tokenizer))
-    rows = gguf_models(model_dir, tmp, work, formats.gguf, reference, chat)
+    calibration = Calibration(config.imatrix, train, (source.run_config or {}).get("data"))
+    rows = gguf_models(model_dir, tmp, work, formats.gguf, reference, chat, calibration)
     if config.gguf_adapter:
         rows.append(gguf_adapter(source, tmp, reference, chat))
     for precision in formats.onnx:
@@ -48,10 +56,10 @@ def export_files(config, source, tmp: Path, formats) -> list[Verification]:
         rows.append(export_onnx(model_dir, tmp / folder, precision, formats.onnx_generic, ids,
                                 max_length=config.ctx if config.target else None))
     rows = [r for r in rows if r is not None]
-    if config.verify:
-        require_passed(rows)
-        write(rows, tmp)
     shutil.rmtree(work, ignore_errors=True)
+    if config.verify:
+        write(rows, tmp)
+        require_passed(rows, str(rejected) if rejected else None)
     return rows
 
 
@@ -70,20 +78,52 @@ def n_weights(model_dir: Path) -> int:
 
 def needed_bytes(config, source, formats) -> int:
     """What the export's files take at their largest, intermediates included (an upper bound)."""
+    from edgetune.export.gguf import DIRECT_TYPES
+
     weights = n_weights(source.model_dir)
     kinds = list(formats.gguf) + [f"onnx-{p}" for p in formats.onnx]
-    if any(k in formats.gguf for k in ("q6_k", "q5_k_m", "q4_k_m", "q4_0")) and "f16" not in kinds:
+    if any(k not in DIRECT_TYPES for k in formats.gguf) and "f16" not in kinds:
         kinds.append("f16")  # the intermediate llama.cpp quantizes from
     if config.gguf_adapter:
         kinds.append("f16")
-    total = sum(BYTES_PER_WEIGHT.get(k, 4.0) for k in kinds) * weights
+    total = sum(BYTES_PER_WEIGHT.get(k, LOW_BIT_BYTES) for k in kinds) * weights
     if source.adapter_dir is not None:
         total += 4 * weights  # the fp32 merged model
     return int(total)
 
 
-def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], reference,
-                chat: tuple) -> list[Verification]:
+@dataclass(frozen=True)
+class Calibration:
+    """Where the importance matrix comes from: --imatrix and the run's training examples."""
+
+    mode: str  # auto, none or a file
+    train: list  # token ids per training example
+    data: str | None  # the training data file, named in imatrix.gguf
+
+    def matrix(self, model_dir: Path, f16: Path, out: Path) -> tuple[dict | None, str]:
+        """({GGUF weight name: mean x^2}, report note) for quantizing, or (None, note)."""
+        from edgetune.export import imatrix
+
+        if self.mode == "none":
+            return None, "no importance matrix (--imatrix none)"
+        if self.mode != "auto":
+            loaded = imatrix.read(Path(self.mode).expanduser())
+            imatrix.check(loaded, f16, self.mode)
+            return loaded.means(), f"importance matrix from {self.mode}"
+        if not self.train:
+            _say("no training data to calibrate an importance matrix with: quantizing without one "
+                 "(--imatrix FILE uses one made elsewhere)")
+            return None, "no importance matrix (no training data)"
+        chunks = imatrix.calibration_chunks(self.train)
+        tokens = sum(len(c) for c in chunks)
+        _say(f"computing the importance matrix over {tokens} tokens of {self.data}")
+        computed = imatrix.compute(model_dir, chunks, [str(self.data)])
+        imatrix.write(computed, out)
+        return computed.means(), f"importance matrix {out.name} ({tokens} tokens of {Path(self.data).name})"
+
+
+def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], reference, chat: tuple,
+                calibration: Calibration) -> list[Verification]:
     """model-<type>.gguf for each type (sub-8-bit ones quantized from an f16 file) and Modelfiles."""
     from edgetune.export.gguf import DIRECT_TYPES, write_gguf
     from edgetune.export.modelfile import write_modelfile
@@ -99,10 +139,18 @@ def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], refere
         _say(f"writing model-{kind}.gguf")
         notes[kind] = write_gguf(model_dir, folder / f"model-{kind}.gguf", kind)
     f16 = tmp / "model-f16.gguf" if "f16" in types else work / "model-f16.gguf"
-    for kind in low:
-        _say(f"quantizing model-{kind}.gguf with llama.cpp")
-        notes[kind] = quantize(f16, tmp / f"model-{kind}.gguf", kind)
     rows = []
+    if low:
+        matrix, source = calibration.matrix(model_dir, f16, tmp / "imatrix.gguf")
+        if "f16" not in types and reference is not None:
+            # A wrong layout or hyper-parameter shows in the f16 file llama.cpp quantizes from, where
+            # the gate is tight; the sub-8-bit files themselves are only reported.
+            _say("verifying the intermediate model-f16.gguf in llama.cpp")
+            rows.append(verify_gguf(work, "model-f16.gguf", "f16", reference,
+                                    "intermediate file llama.cpp quantized from; not kept"))
+        for kind in low:
+            _say(f"quantizing model-{kind}.gguf with llama.cpp")
+            notes[kind] = [source] + quantize(f16, tmp / f"model-{kind}.gguf", kind, imatrix=matrix)
     for kind in types:
         write_modelfile(tmp / f"model-{kind}.gguf", *chat)
         if reference is not None:

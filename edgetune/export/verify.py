@@ -1,8 +1,8 @@
 """Check each GGUF file in llama.cpp against the torch merged model on the same held-out token ids.
 
 Both sides see exactly the same ids (no re-tokenization), so any difference is the file's: weight
-rounding, a wrong rotary permutation, a wrong hyper-parameter. f16/bf16 must agree with torch on the
-top-1 token at >= 99% of positions and q8_0 at >= 97%; lower-bit types are reported, not failed.
+rounding, a wrong rotary permutation, a wrong hyper-parameter. f16, bf16 and q8_0 files are gated on
+KL divergence and clear-margin top-1 agreement (see gate.py); lower-bit types are reported, not failed.
 """
 
 from dataclasses import dataclass
@@ -13,10 +13,9 @@ from edgetune.export.llama import gguf_logits
 from edgetune.export.report import Verification
 from edgetune.metrics import perplexity
 
-TOP1_THRESHOLDS = {"f16": 0.99, "bf16": 0.99, "q8_0": 0.97}
-# Below these a sub-8-bit file has changed the model enough to say so in words.
-_HURTS_PPL_RATIO = 1.10
-_HURTS_TOP1 = 0.90
+
+class VerificationFailed(EdgetuneError):
+    """A file was written but does not compute what the torch model computes."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,7 @@ class Reference:
     ids: list[int]  # positions + 1 token ids: logits at i predict ids[i + 1]
     logits: "object"  # numpy [positions, vocab], float32
     perplexity: float
+    information: float  # mean KL(torch || uniform), nats: see gate.information
 
     @property
     def positions(self) -> int:
@@ -42,35 +42,46 @@ def torch_reference(model_dir: Path, ids: list[int]) -> Reference:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
     del model
-    return Reference(list(ids), logits, perplexity(logits, ids[1:]))
+    return reference(ids, logits)
 
 
-def compare(file: str, fmt: str, out_type: str, logits, reference: Reference, size_bytes: int,
+def reference(ids: list[int], logits) -> Reference:
+    """The Reference for torch's `logits` [len(ids) - 1, vocab] over `ids`."""
+    from edgetune.export.gate import information
+
+    return Reference(list(ids), logits, perplexity(logits, ids[1:]), information(logits))
+
+
+def compare(file: str, fmt: str, kind: str, logits, ref: Reference, size_bytes: int,
             speed: float | None, note: str = "") -> Verification:
-    """The report row for one file's logits against the torch reference."""
+    """The report row for one file's logits against the torch reference; `kind` picks the gate
+    (gate.GATES: f16, bf16, q8_0, fp32, int8); other kinds are reported, not failed."""
     import numpy as np
 
-    if logits.shape != reference.logits.shape:
-        raise EdgetuneError(f"{file}: llama.cpp returned logits of shape {logits.shape}, "
-                            f"torch {reference.logits.shape}: vocabulary mismatch")
-    agreement = float((logits.argmax(-1) == reference.logits.argmax(-1)).mean())
-    ppl = perplexity(logits, reference.ids[1:])
-    threshold = TOP1_THRESHOLDS.get(out_type)
+    from edgetune.export.gate import GATES, HURTS_PPL_RATIO, HURTS_RELATIVE_KLD, distance
+
+    if logits.shape != ref.logits.shape:
+        raise EdgetuneError(f"{file}: the runtime returned logits of shape {logits.shape}, "
+                            f"torch {ref.logits.shape}: vocabulary mismatch")
+    d = distance(logits, ref.logits)
+    kld = float(d.kld.mean())
+    relative = kld / ref.information if ref.information > 0 else float("inf")
+    ppl = perplexity(logits, ref.ids[1:])
     notes = [note] if note else []
-    ratio = ppl / reference.perplexity
-    if threshold is None and (ratio > _HURTS_PPL_RATIO or agreement < _HURTS_TOP1):
-        notes.append(f"{out_type} changes this model a lot: it picks the torch model's next token "
-                     f"at only {agreement:.1%} of positions, perplexity x{ratio:.2f}; small models "
-                     "lose more to low-bit quantization: prefer q8_0 where it fits")
-    passed = threshold is None or agreement >= threshold
-    if not passed:
-        notes.append(f"top-1 below the {threshold:.0%} required of {out_type}")
-    return Verification(file=file, format=fmt, size_bytes=size_bytes, positions=reference.positions,
-                        top1_agreement=agreement,
-                        max_logit_diff=float(np.abs(logits - reference.logits).max()),
-                        perplexity=ppl, torch_perplexity=reference.perplexity,
-                        decode_tokens_per_s=speed,
-                        passed=passed, note="; ".join(notes))
+    gate = GATES.get(kind)
+    failed = gate.failures(kind, relative, kld, d.clear_top1, int(d.clear.sum())) if gate else []
+    ratio = ppl / ref.perplexity
+    if gate is None and (relative > HURTS_RELATIVE_KLD or ratio > HURTS_PPL_RATIO):
+        notes.append(f"{kind} changes this model a lot (relative KLD {relative:.1%}, perplexity "
+                     f"x{ratio:.2f}); small models lose more to low-bit quantization: prefer q8_0 "
+                     "where it fits")
+    return Verification(file=file, format=fmt, size_bytes=size_bytes, positions=ref.positions,
+                        kld_mean=kld, kld_p99=float(np.percentile(d.kld, 99)) if len(d.kld) else 0.0,
+                        relative_kld=relative, top1_agreement=float(d.top1.mean()),
+                        clear_top1=d.clear_top1, clear_positions=int(d.clear.sum()),
+                        max_logit_diff=d.max_logit_diff, perplexity=ppl,
+                        torch_perplexity=ref.perplexity, decode_tokens_per_s=speed,
+                        passed=not failed, note="; ".join(notes), failures=failed)
 
 
 def verify_gguf(out_dir: Path, file: str, out_type: str, reference: Reference, note: str = "",
@@ -84,12 +95,14 @@ def verify_gguf(out_dir: Path, file: str, out_type: str, reference: Reference, n
     return compare(shown, fmt, out_type, logits, reference, size, speed, note)
 
 
-def require_passed(rows: list[Verification]) -> None:
-    """Raise with the numbers when any file is below its threshold."""
+def require_passed(rows: list[Verification], kept: str | None = None) -> None:
+    """Raise naming each failed file's measures and thresholds, and what the user can do."""
     failed = [r for r in rows if not r.passed]
-    if failed:
-        parts = [f"{r.file} ({r.format}) top-1 {r.top1_agreement:.1%}, max |dlogit| "
-                 f"{r.max_logit_diff:.3f}, ppl ratio {r.perplexity_ratio:.3f}"
-                 + (f" ({r.note})" if r.note else "") for r in failed]
-        raise EdgetuneError("verification failed: " + "; ".join(parts) + "; nothing was written")
-
+    if not failed:
+        return
+    parts = [f"{r.file} ({r.format}): {'; '.join(r.failures)}" for r in failed]
+    where = (f"the rejected files are kept in {kept} (report.json has every figure)" if kept else
+             "nothing was written; --keep-failed keeps the rejected files for inspection")
+    raise VerificationFailed("verification failed: " + "; ".join(parts) + ". The file does not compute "
+                        f"what the torch model computes; {where}. Export without the check with "
+                        "--no-verify only if you trust the file")
