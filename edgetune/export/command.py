@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from edgetune import models
+from edgetune import models, templates
 from edgetune.errors import EdgetuneError
 from edgetune.export.config import ExportConfig
-from edgetune.runfiles import ADAPTER_CONFIG, RUN_CONFIG
+from edgetune.runfiles import ADAPTER_CONFIG, CHAT_TEMPLATE, RUN_CONFIG
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Source:
     adapter_dir: Path | None
     eval_data: str | None
     default_output: Path
+    chat_template: str | None = None  # the template the run trained with, if not the model's own
 
 
 def read_source(config: ExportConfig) -> Source:
@@ -46,7 +47,9 @@ def _source(config: ExportConfig) -> Source:
         if not saved.get("model"):
             raise EdgetuneError(f"{run}/{RUN_CONFIG} does not name the base model (model:)")
         base = models.resolve(str(saved["model"]), config.cache_dir or saved.get("cache_dir"))
-        return Source(base, run, saved.get("eval_data"), run / "export")
+        template = run / CHAT_TEMPLATE
+        return Source(base, run, saved.get("eval_data"), run / "export",
+                      template.read_text(encoding="utf-8") if template.is_file() else None)
     if (run / ADAPTER_CONFIG).is_file():
         base_ref = read_adapter_config(run).get("base_model_name_or_path")
         if not base_ref:

@@ -9,11 +9,11 @@ from typing import Any, Callable
 
 import yaml
 
-from edgetune import models
+from edgetune import models, templates
 from edgetune.config import as_dict
 from edgetune.errors import EdgetuneError
 from edgetune.records import read_jsonl
-from edgetune.runfiles import RUN_CONFIG, TOKENIZER
+from edgetune.runfiles import CHAT_TEMPLATE, RUN_CONFIG, TOKENIZER
 from edgetune.train.config import TrainConfig
 from edgetune.train.data import Batches, encode, fit_to_length, split
 from edgetune.units import parse_size
@@ -48,6 +48,8 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     if config.threads:
         torch.set_num_threads(config.threads)
     records = read_records(config)  # cheap checks first: a bad file fails before any model loads
+    if config.template and not config.resume:
+        templates.resolve(config.template)
     device = model_lib.pick_device(config.device)
     dtype = model_lib.pick_dtype(config.dtype, device)
     model_dir = models.resolve(config.model, config.cache_dir)
@@ -55,6 +57,7 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     if config.plan == "auto":
         config = apply_plan(config, model_dir, device, dtype)
     tokenizer = _tokenizer(model_dir)
+    config, template = _chat_template(config, tokenizer, records, run_dir)
     train_set, eval_set = load_examples(config, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -63,6 +66,8 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     model = model_lib.add_lora(base, config.rank, config.alpha, config.dropout, config.modules,
                                config.seed, config.grad_checkpointing)
     _prepare_run_dir(config, run_dir)  # only now, with everything read and loaded, is a folder made
+    if template and not config.resume:
+        _write_atomic(run_dir / CHAT_TEMPLATE, template)
     trainable, params = model_lib.parameter_counts(model)
     print(f"edgetune: {config.model}: {params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
           f"(LoRA rank {config.rank}); {len(train_set)} train / {len(eval_set)} eval examples; "
@@ -123,6 +128,30 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path) -> None:
     tmp = run_dir / f".{RUN_CONFIG}.tmp"
     tmp.write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
     os.replace(tmp, run_dir / RUN_CONFIG)
+
+
+def _chat_template(config: TrainConfig, tokenizer: Any, records: dict,
+                   run_dir: Path) -> tuple[TrainConfig, str | None]:
+    """Put the run's chat template on the tokenizer: --template, else the model's own, else (a base
+    model with chat or alpaca records) a default, recorded in the run config by name."""
+    if config.resume:
+        saved = run_dir / CHAT_TEMPLATE
+        text = saved.read_text(encoding="utf-8") if saved.is_file() else None
+    else:
+        needs_one = any(fmt != "text" for fmt, _ in records.values())
+        name, text = templates.choose(config.template, tokenizer.chat_template,
+                                      tokenizer.get_vocab(), needs_one, config.model)
+        if name is not None and config.template is None:
+            config = dataclasses.replace(config, template=name)
+    if text is not None:
+        tokenizer.chat_template = text
+    return config, text
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _tokenizer(model_dir: Path) -> Any:
