@@ -17,18 +17,18 @@ from edgetune.errors import EdgetuneError
 from edgetune.runfiles import CHAT_TEMPLATE
 
 
-# Per-model training defaults (steps, learning rate); see docs/gemma3.md for how Gemma's were chosen.
-DEFAULTS = {"smollm2-135m": (40, 1e-3), "gemma3-270m": (40, 1e-3)}
+# The built-in models; one setting of steps and learning rate serves both (docs/gemma3.md).
+MODELS = ("smollm2-135m", "gemma3-270m")
 
 
 @dataclass(frozen=True)
 class QuickstartConfig:
     output: str = option("edgetune-quickstart", "folder for the data, the run and the export")
     force: bool = option(False, "replace an existing output folder")
-    model: str = option("smollm2-135m", "built-in model to fine-tune", choices=tuple(DEFAULTS))
-    steps: int | None = option(None, "optimizer steps of LoRA training (default: 40)")
+    model: str = option("smollm2-135m", "built-in model to fine-tune", choices=MODELS)
+    steps: int = option(40, "optimizer steps of LoRA training")
     batch_size: int = option(8, "examples per step")
-    lr: float | None = option(None, "peak learning rate (default: 1e-3)")
+    lr: float = option(1e-3, "peak learning rate")
     eval_size: int = option(100, "held-out dates scored before and after training")
     gguf: str = option("q8_0", "GGUF type to export and run")
     cache_dir: str | None = option(None, "model cache (default: $EDGETUNE_CACHE or ~/.cache/edgetune)")
@@ -36,16 +36,8 @@ class QuickstartConfig:
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        if (self.steps or 1) < 1 or self.batch_size < 1 or self.eval_size < 1:
+        if self.steps < 1 or self.batch_size < 1 or self.eval_size < 1:
             raise EdgetuneError("--steps, --batch-size and --eval-size must be at least 1")
-
-    @property
-    def train_steps(self) -> int:
-        return self.steps or DEFAULTS[self.model][0]
-
-    @property
-    def train_lr(self) -> float:
-        return self.lr or DEFAULTS[self.model][1]
 
 
 def held_out_accuracy(model_dir: Path, adapter: Path | None, records: list[dict],
@@ -87,7 +79,7 @@ def main(config: QuickstartConfig) -> int:
     run = out / "run"
     summary = train(TrainConfig(
         model=config.model, data=str(train_file), eval_data=str(eval_file), output=str(run),
-        force=True, steps=config.train_steps, batch_size=config.batch_size, lr=config.train_lr,
+        force=True, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
         seq_len=256, save_every=0, eval_every=0, cache_dir=config.cache_dir,
         threads=config.threads, progress=config.progress))
     if summary.interrupted:
