@@ -26,9 +26,9 @@ def render_ids(tokenizer: Any, messages: list[dict], generation_prompt: bool) ->
     """Token ids of `messages` in the tokenizer's chat template, starting with BOS where the
     tokenizer starts text with one.
 
-    llama.cpp adds BOS to a rendered prompt when the GGUF says `add_bos_token` (Gemma, Llama), and
-    a model such as Gemma is far off without it; a template without `{{ bos_token }}` (chatml,
-    plain) is trained here the way it will run there.
+    llama.cpp adds BOS to a rendered prompt when the GGUF says `add_bos_token` (Gemma, Llama; Gemma
+    was pretrained with BOS starting every sequence), so a template without `{{ bos_token }}`
+    (chatml, plain) is trained here the way it will run there.
     """
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
     if hasattr(ids, "keys"):  # BatchEncoding in transformers 5
