@@ -15,6 +15,13 @@ def smollm2_dir() -> Path:
     return models.resolve("smollm2-135m")
 
 
+def model_dir(name: str, root: Path) -> Path:
+    """A built-in model (smollm2-135m, gemma3-270m) as it is, else a random one of `name`'s shape."""
+    from edgetune import models
+
+    return models.resolve(name) if name in models.BUILTIN else shaped_model(name, root)
+
+
 def shaped_model(name: str, root: Path) -> Path:
     """A random-initialised model with `name`'s exact shape and SmolLM2's tokenizer (ids fit)."""
     folder = root / name

@@ -7,8 +7,8 @@ their maximum); the peak is the child's maximum resident set (wait4 ru_maxrss), 
 memory-mapped checkpoint file as the planner does. With --repeats N each configuration runs N
 times in fresh processes and the median peak is compared; the spread is printed, because glibc's
 heap makes the same run's peak vary by a few percent between processes. Models: the real
-SmolLM2-135M, and random models with the exact shapes of Qwen2.5-0.5B (151,936-token vocabulary)
-and Llama-3.2-1B. Measurements are saved to --results, and --report re-prints the table from them
+SmolLM2-135M and Gemma 3 270M (262,144-token vocabulary, sliding-window layers), and random models
+with the exact shapes of Qwen2.5-0.5B (151,936-token vocabulary) and Llama-3.2-1B. Measurements are saved to --results, and --report re-prints the table from them
 with the planner's current numbers.
 """
 
@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import full_length_text, median, run_train, shaped_model, smollm2_dir  # noqa: E402
+from _common import full_length_text, median, run_train  # noqa: E402
+from _common import model_dir as shared_model_dir  # noqa: E402
 
 from edgetune.plan.memory import Setting, breakdown  # noqa: E402
 from edgetune.plan.timing import cached_gflops, tokens_per_second  # noqa: E402
@@ -41,6 +42,8 @@ CONFIGS = [
     ("qwen2.5-0.5b", "nf4", "adamw8bit", 16, 2, 128, True),
     ("llama-3.2-1b", "nf4", "adamw8bit", 16, 1, 128, True),
     ("llama-3.2-1b", "none", "adamw", 8, 1, 64, True),
+    ("gemma3-270m", "none", "adamw", 16, 4, 256, False),
+    ("gemma3-270m", "nf4", "adamw8bit", 16, 2, 256, True),
 ]
 
 
@@ -50,7 +53,7 @@ def key(config: tuple) -> str:
 
 
 def model_dir(name: str, work: Path) -> Path:
-    return smollm2_dir() if name == "smollm2-135m" else shaped_model(name, work)
+    return shared_model_dir(name, work)
 
 
 def measure(config: tuple, work: Path, dtype: str, repeats: int) -> dict:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import median, shaped_model, smollm2_dir  # noqa: E402
+from _common import median, model_dir  # noqa: E402
 
 SIDES = ("edgetune", "transformers")
 MODULES = ["json", "os", "re", "collections", "itertools", "functools", "pathlib", "subprocess",
@@ -108,7 +108,7 @@ def child_edgetune(spec: dict) -> dict:
         output=spec["out"], force=True, steps=s["steps"], batch_size=s["batch"],
         seq_len=s["seq_len"], rank=s["rank"], alpha=s["alpha"], lr=s["lr"], warmup=0.0,
         dtype="fp32", eval_every=s["steps"], save_every=0, progress=False, seed=s["seed"],
-        threads=s["threads"]))
+        threads=s["threads"], template=spec["template"]))
     seconds = [n / r["tokens_per_s"] for n, r in zip(spec["step_counts"], summary.history)]
     return {"seconds": seconds, "eval_loss": summary.eval_loss}
 
@@ -188,6 +188,12 @@ def prepare(model: Path, work: Path, settings: dict) -> dict:
     train_file.write_text("".join(json.dumps(r) + "\n" for r in records[:360]))
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in records[360:]))
     tokenizer = AutoTokenizer.from_pretrained(model)
+    template = None
+    if not tokenizer.chat_template:  # a base model: both sides get edgetune's default template
+        from edgetune import templates
+
+        template = templates.default_for(tokenizer.get_vocab())
+        tokenizer.chat_template = templates.TEMPLATES[template].jinja
     seq_len = settings["seq_len"]
     train = fit_to_length(encode(tokenizer, "alpaca", records[:360]), seq_len, "train")
     held = fit_to_length(encode(tokenizer, "alpaca", records[360:]), seq_len, "eval")
@@ -202,7 +208,7 @@ def prepare(model: Path, work: Path, settings: dict) -> dict:
         steps.append([(b - a, int((labels[a + 1:b] != -100).sum()))
                       for a, b in zip(bounds[:-1], bounds[1:])])
     return {"model": str(model), "train_file": str(train_file), "eval_file": str(eval_file),
-            "settings": settings, "pad_id": pad_id, "train_rows": rows,
+            "settings": settings, "pad_id": pad_id, "train_rows": rows, "template": template,
             "eval_rows": [(e.input_ids, e.labels) for e in held],
             "step_counts": [sum(n for n, _ in s) for s in steps], "steps": steps}
 
@@ -311,7 +317,7 @@ def main() -> None:
     bf16_peak = matmul_peak("bfloat16", 256, 256, 256, repeats=2)
     steps, batches = args.steps.split(","), args.batch.split(",")
     for i, name in enumerate(args.models.split(",")):
-        model = smollm2_dir() if name == "smollm2-135m" else shaped_model(name, work)
+        model = model_dir(name, work)
         settings = dict(batch=int(batches[i]), steps=int(steps[i]), seq_len=args.seq_len, rank=16,
                         alpha=32.0, lr=2e-4, seed=0, threads=threads, warmup=args.warmup)
         print(f"{name}: batch {settings['batch']}, {settings['steps']} steps, "

@@ -15,3 +15,6 @@ DEQUANT_BUFFER_ELEMENTS = 2**22
 # With gradient checkpointing the trainer maps every block of this size or more on its own, so that
 # freeing it unmaps it (edgetune.train.heap.lean_heap).
 LEAN_MMAP_THRESHOLD = 2**20
+# llama.cpp processes a prompt in batches of this many tokens (its default n_ubatch): the scratch
+# buffers of a device prediction, and what a sliding-window layer's cache keeps beyond its window.
+PREFILL_BATCH = 512

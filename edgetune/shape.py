@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgetune.constants import PREFILL_BATCH
 from edgetune.errors import EdgetuneError
 
 # Bytes per element of the dtypes a checkpoint may be stored in (config.json's "dtype"/"torch_dtype").
@@ -32,6 +33,8 @@ class ModelShape:
     attention_bias: bool = False  # Qwen2 has biases on q, k and v
     fused: bool = False  # Phi-3 packs q, k, v into one linear layer and gate, up into another
     file_dtype: str = "bfloat16"  # how the checkpoint stores its weights on disk
+    sliding_window: int | None = None  # Gemma 3: tokens a local (sliding-window) layer attends to
+    sliding_layers: int = 0  # how many of the layers are local
 
     @property
     def q_dim(self) -> int:
@@ -80,6 +83,15 @@ class ModelShape:
         """Keys and values of every layer for one token of context."""
         return 2 * self.layers * self.kv_dim * element_bytes
 
+    def kv_bytes(self, ctx: int, element_bytes: int, windowed: bool = True) -> int:
+        """The KV cache at `ctx` tokens. `windowed`: local layers keep only their window and one
+        prompt batch (llama.cpp's sliding-window cache)."""
+        if not (windowed and self.sliding_window and self.sliding_layers):
+            return self.kv_bytes_per_token(element_bytes) * ctx
+        per_layer = 2 * self.kv_dim * element_bytes
+        local = min(ctx, self.sliding_window + PREFILL_BATCH)
+        return per_layer * ((self.layers - self.sliding_layers) * ctx + self.sliding_layers * local)
+
     def lora_params(self, rank: int) -> int:
         """A (rank x in) plus B (out x rank) for every adapted linear layer."""
         return self.layers * sum(rank * (a + b) for a, b in self.linears())
@@ -89,6 +101,7 @@ class ModelShape:
 _ARCH_EXTRAS: dict[str, dict[str, Any]] = {
     "llama": {}, "mistral": {}, "qwen2": {"attention_bias": True}, "qwen3": {"qk_norm": True},
     "gemma2": {"norms_per_layer": 4}, "phi3": {"fused": True}, "smollm3": {}, "olmo2": {"qk_norm": True},
+    "gemma3_text": {"norms_per_layer": 4, "qk_norm": True},
 }
 
 
@@ -112,6 +125,9 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
     if "attention_bias" in config:
         extras["attention_bias"] = bool(config["attention_bias"])
     dtype = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+    sliding = sum(t == "sliding_attention" for t in config.get("layer_types") or [])
+    if sliding and config.get("sliding_window"):
+        extras.update(sliding_window=config["sliding_window"], sliding_layers=sliding)
     return ModelShape(
         name=name, hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,
@@ -130,7 +146,7 @@ def shape_from_model_dir(path: str | Path) -> ModelShape:
 
 # GGUF architecture names -> config.json model_type.
 _GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-              "phi3": "phi3", "mistral": "mistral"}
+              "phi3": "phi3", "mistral": "mistral", "gemma3": "gemma3_text"}
 
 
 def shape_from_gguf_fields(fields: dict, name: str = "model") -> ModelShape:
@@ -156,6 +172,13 @@ def shape_from_gguf_fields(fields: dict, name: str = "model") -> ModelShape:
               "intermediate_size": key("feed_forward_length"), "vocab_size": vocab,
               "tie_word_embeddings": not fields.get("has_output_tensor", False),
               "dtype": "float32"}  # edgetune dequantizes GGUF models to a float32 checkpoint
+    window = fields.get(f"{arch}.attention.sliding_window")
+    if window:  # llama.cpp's gemma3 default: every 6th layer global
+        pattern = fields.get(f"{arch}.attention.sliding_window_pattern", 6)
+        layers = config["num_hidden_layers"]
+        flags = pattern if isinstance(pattern, list) else [i % pattern < pattern - 1 for i in range(layers)]
+        config["sliding_window"] = window
+        config["layer_types"] = ["sliding_attention" if f else "full_attention" for f in flags]
     if vocab is None:
         raise EdgetuneError(f"GGUF {name}: header has no vocabulary size or token list")
     return shape_from_config(config, name)

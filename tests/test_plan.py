@@ -19,6 +19,10 @@ KNOWN_PARAMS = {
     "qwen3-0.6b": 596_049_920, "qwen3-4b": 4_022_468_096, "llama-3.2-1b": 1_235_814_400,
     "llama-3.2-3b": 3_212_749_824, "llama-3.1-8b": 8_030_261_248, "gemma-2-2b": 2_614_341_888,
     "phi-3.5-mini": 3_821_079_552, "mistral-7b": 7_248_023_552,
+    # Gemma 3: 270M from its model card; 1B as the hub's safetensors total for gemma-3-1b-it (and
+    # llama.cpp's n_params for its GGUF); 4B is the text model only, llama.cpp's n_params for the
+    # gemma-3-4b-it GGUF (the hub's 4,300,079,472 adds the SigLIP vision tower).
+    "gemma3-270m": 268_098_176, "gemma3-1b": 999_885_952, "gemma3-4b": 3_880_263_168,
 }
 
 
@@ -38,7 +42,7 @@ def test_catalogue_has_the_issue_models():
 
 
 @pytest.mark.parametrize("arch,tie", [("llama", False), ("llama", True), ("qwen2", True),
-                                      ("qwen3", False), ("mistral", False)])
+                                      ("qwen3", False), ("mistral", False), ("gemma3_text", True)])
 def test_shape_counts_match_the_real_model(tiny_factory, arch, tie):
     import torch  # noqa: F401  (the reference side may use torch; the planner does not)
     from peft import LoraConfig, get_peft_model
@@ -176,7 +180,8 @@ LAYER_DIMS = {"hidden_size": 128, "intermediate_size": 352, "num_attention_heads
 
 
 @pytest.mark.parametrize("arch,dtype", [("llama", "fp32"), ("llama", "bf16"), ("qwen2", "fp32"),
-                                        ("qwen3", "fp32"), ("qwen3", "bf16")])
+                                        ("qwen3", "fp32"), ("qwen3", "bf16"), ("gemma3_text", "fp32"),
+                                        ("gemma3_text", "bf16")])
 def test_layer_activations_match_autograd_saved_tensors(arch, dtype):
     """One decoder layer's saved bytes per token, measured live (three layers minus two) with
     autograd's saved-tensor hooks, equal the planner's terms."""
@@ -187,6 +192,8 @@ def test_layer_activations_match_autograd_saved_tensors(arch, dtype):
     measured = (saved_activation_bytes(arch, 3, tokens, torch_dtype)
                 - saved_activation_bytes(arch, 2, tokens, torch_dtype)) / tokens
     shape = shape_from_config({"model_type": arch, "num_hidden_layers": 3, **LAYER_DIMS})
+    if arch == "gemma3_text":  # each norm keeps its (1 + w) once per layer, not per token
+        measured -= 4 * (shape.norms_per_layer * shape.hidden + 2 * shape.head_dim) / tokens
     predicted = sum(memory.layer_activation_bytes(shape, Setting(rank=8, dtype=dtype)).values())
     assert predicted == measured
 
@@ -223,12 +230,14 @@ def test_runtime_margin_and_load_peak():
     nf4 = breakdown(SHAPE, Setting(quant="nf4", dtype="bf16"))
     weights = nf4.terms["base weights"] + nf4.terms["embeddings+norms"]
     largest = 896 * 4864 * 2
-    assert nf4.load_peak == nf4.terms["runtime"] + weights + memory.LOAD_IN_FLIGHT * largest
-    assert nf4.load_peak < nf4.terms["runtime"] + 2 * SHAPE.params  # less than the file alone
+    runtime = nf4.terms["runtime"] + nf4.terms["tokenizer"]
+    assert nf4.terms["tokenizer"] == memory.TOKENIZER_BYTES_PER_ENTRY * SHAPE.vocab
+    assert nf4.load_peak == runtime + weights + memory.LOAD_IN_FLIGHT * largest
+    assert nf4.load_peak < runtime + 2 * SHAPE.params  # less than the file alone
     assert nf4.peak == max(nf4.load_peak, nf4.train_peak)
     # Used in place when nothing converts it: the mapped file is the weights.
     in_place = breakdown(SHAPE, Setting(dtype="bf16"))
-    assert in_place.load_peak == in_place.terms["runtime"] + 2 * SHAPE.params
+    assert in_place.load_peak == in_place.terms["runtime"] + in_place.terms["tokenizer"] + 2 * SHAPE.params
 
 
 def test_choose_prefers_precision_then_rank_then_speed():
@@ -311,3 +320,33 @@ def test_layers_on_peft_forward_keep_the_larger_heap_factor():
                                                          memory.PEFT_HEAP_FACTOR, memory.HEAP_FACTOR,
                                                          memory.PEFT_HEAP_FACTOR]
     assert memory.HEAP_FACTOR < memory.PEFT_HEAP_FACTOR
+
+
+def test_gemma3_sliding_window_kv_cache():
+    """llama.cpp keeps the window (plus a prompt batch) for local layers; ONNX keeps everything."""
+    from edgetune.devices.selection import PREFILL_BATCH, as_shape
+
+    shape = catalogue_shape("gemma3-270m")
+    assert (shape.sliding_window, shape.sliding_layers) == (512, 15)
+    inference = as_shape(shape)
+    per_layer = 2 * 1 * 256 * 2  # K and V, one KV head of 256, f16
+    assert inference.kv_bytes(32768, 2) == per_layer * (3 * 32768 + 15 * (512 + PREFILL_BATCH))
+    assert inference.kv_bytes(32768, 2, windowed=False) == per_layer * 18 * 32768
+    assert inference.kv_bytes(256, 2) == per_layer * 18 * 256  # within the window: all layers
+
+
+def test_gemma3_gguf_header_gives_the_window(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "g.gguf"
+    writer = GGUFWriter(str(path), "gemma3")
+    for method, value in (("add_embedding_length", 64), ("add_block_count", 12), ("add_head_count", 4),
+                          ("add_head_count_kv", 1), ("add_feed_forward_length", 128),
+                          ("add_key_length", 16), ("add_sliding_window", 32)):
+        getattr(writer, method)(value)
+    writer.add_token_list([f"t{i}" for i in range(300)])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    shape = shape_from_gguf(path)  # llama.cpp's default pattern: every 6th layer global
+    assert (shape.sliding_window, shape.sliding_layers, shape.qk_norm, shape.norms_per_layer) == (32, 10, True, 4)

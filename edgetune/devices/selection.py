@@ -7,12 +7,15 @@ tok/s   = peak bandwidth x efficiency / bytes read per decoded token
 
 Decoding one token reads every weight once (the embedding only one row) and the whole KV cache, so
 on CPUs and small boards it is bound by memory bandwidth, not arithmetic. The KV cache is counted at
-the full context: the prediction is for the end of a long conversation, the slowest point.
+the full context: the prediction is for the end of a long conversation, the slowest point. Layers
+with sliding-window attention (Gemma 3's local layers) keep only the window in llama.cpp's cache,
+plus one prompt batch (its `n_ubatch`); onnxruntime-genai keeps the whole context for every layer.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetune.constants import PREFILL_BATCH
 from edgetune.devices.profiles import Profile, get, load_profiles
 from edgetune.errors import EdgetuneError
 from edgetune.shape import ModelShape, shape_from_config, shape_from_model_dir
@@ -30,9 +33,8 @@ BITS_PER_WEIGHT = {
 KV_BYTES = {"gguf": 2, "onnx": 4, "onnx-generic": 4}
 # Process, runtime libraries and allocator slack, measured as RSS of a loaded tiny model.
 RUNTIME_BASE = {"gguf": 64 * 2**20, "onnx": 128 * 2**20, "onnx-generic": 128 * 2**20}
-# Prompt processing works on batches of this many tokens (llama.cpp's default n_ubatch); its scratch
-# buffers hold the batch's logits and activations.
-PREFILL_BATCH = 512
+# Runtimes whose cache holds only the window for sliding-window layers.
+WINDOWED_KV = {"gguf"}
 
 
 def shape_from_folder(model_dir: Path) -> ModelShape:
@@ -80,7 +82,7 @@ def predict(profile: Profile, shape, ctx: int, fmt: str, quant: str) -> Choice:
     bits = BITS_PER_WEIGHT[fmt][quant]
     stored_bits, output_bits = _embedding_bits(fmt, quant, shape.tied, bits)
     weights = (shape.linear_params * bits + shape.token_embedding_params * stored_bits) / 8
-    kv = shape.kv_bytes_per_token(KV_BYTES[fmt]) * ctx
+    kv = shape.kv_bytes(ctx, KV_BYTES[fmt], fmt in WINDOWED_KV)
     scratch = PREFILL_BATCH * (shape.vocab + 4 * shape.hidden + 2 * shape.intermediate) * 4
     overhead = RUNTIME_BASE[fmt] + scratch
     # Per decoded token: every block weight and the output projection, plus the whole cache.
@@ -173,8 +175,12 @@ def max_context(profile: Profile, shape: ModelShape) -> int:
         quant = list(BITS_PER_WEIGHT[fmt])[-1]
         fixed = predict(profile, shape, 0, fmt, quant).total_bytes
         room = profile.usable_bytes - fixed
-        if room > 0:
-            best = max(best, room // shape.kv_bytes_per_token(KV_BYTES[fmt]) // 256 * 256)
+        fit = lambda ctx: shape.kv_bytes(ctx, KV_BYTES[fmt], fmt in WINDOWED_KV) <= room  # noqa: E731
+        low, high = 0, 2**24  # the cache grows with the context: the last multiple of 256 that fits
+        while low < high:
+            mid = (low + high + 256) // 512 * 256
+            low, high = (mid, high) if fit(mid) else (low, mid - 256)
+        best = max(best, low)
     return int(best)
 
 

@@ -17,7 +17,7 @@ from edgetune.config import as_dict
 from edgetune.errors import EdgetuneError
 from edgetune.export.config import ExportConfig
 from edgetune.folders import EXPORT_MARKERS
-from edgetune.runfiles import ADAPTER_CONFIG, EXPORT_CONFIG, RUN_CONFIG
+from edgetune.runfiles import ADAPTER_CONFIG, CHAT_TEMPLATE, EXPORT_CONFIG, RUN_CONFIG
 from edgetune.signals import deferred, stop_on_signals
 
 REJECTED_SUFFIX = ".rejected"  # --keep-failed: where an export that failed verification is kept
@@ -31,6 +31,7 @@ class Source:
     adapter_dir: Path | None
     run_config: dict | None  # the training run's settings (edgetune_run.yaml), if RUN is a run
     default_output: Path
+    chat_template: str | None = None  # the template the run trained with, if not the model's own
 
 
 def read_source(config: ExportConfig) -> Source:
@@ -52,7 +53,9 @@ def _source(config: ExportConfig) -> Source:
         if not saved.get("model"):
             raise EdgetuneError(f"{run}/{RUN_CONFIG} does not name the base model (model:)")
         base = models.resolve(str(saved["model"]), config.cache_dir or saved.get("cache_dir"))
-        return Source(base, run, saved, run / "export")
+        template = run / CHAT_TEMPLATE
+        return Source(base, run, saved, run / "export",
+                      template.read_text(encoding="utf-8") if template.is_file() else None)
     if (run / ADAPTER_CONFIG).is_file():
         base_ref = read_adapter_config(run).get("base_model_name_or_path")
         if not base_ref:

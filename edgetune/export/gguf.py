@@ -1,12 +1,22 @@
 """GGUF files from an HF folder: a full model in f16/bf16/q8_0, or a LoRA adapter for llama.cpp.
 
-Tensor names come from the gguf package's per-architecture tables. llama.cpp's `llama` architecture
-applies rotary embeddings to interleaved pairs (x0, x1), (x2, x3)... while HF Llama rotates the two
-halves of each head, so q_proj and k_proj rows (and an adapter's lora_b for them) are permuted for
-llama and mistral. qwen2 and qwen3 use NEOX rotary in llama.cpp, which matches HF: no permutation.
+One path for every architecture, driven by the ARCHITECTURES table: the llama.cpp architecture,
+whether q/k rows are permuted, what is added to norm weights, and the hyper-parameters beyond the
+common ones. Tensor names come from the gguf package's per-architecture tables.
+
+- Rotary layout: llama.cpp's `llama` architecture rotates interleaved pairs (x0, x1), (x2, x3)...
+  while HF Llama rotates the two halves of each head, so q_proj and k_proj rows (and an adapter's
+  lora_b for them) are permuted for llama and mistral. qwen2, qwen3 and gemma3 use NEOX rotary in
+  llama.cpp, which matches HF: no permutation.
+- Norms: Gemma's RMSNorm scales by (1 + w) and stores w; llama.cpp's scales by its weight, so its
+  converter writes w + 1, and so does this one.
+- Gemma 3: local (sliding-window) and global layers, each with its own rope base; the window, the
+  per-layer pattern and the local base are written where llama.cpp reads them. The embedding scale
+  sqrt(hidden) is applied by llama.cpp's gemma3 graph itself (nothing to write).
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
@@ -16,19 +26,54 @@ from edgetune.shape import head_dim
 # Types written directly by this module; lower-bit types go through quantize.py from the f16 file.
 DIRECT_TYPES = ("f16", "bf16", "q8_0")
 _Q8_BLOCK = 32
+# llama.cpp's gemma3 graph: every 6th layer global unless the file says otherwise.
+LLAMA_CPP_SWA_PATTERN = 6
+
+
+def _gemma3_hparams(writer, config: dict) -> None:
+    """Sliding window, its layer pattern and rope base, and the final soft-cap, as llama.cpp reads them."""
+    if config.get("attn_logit_softcapping") is not None:
+        raise EdgetuneError("attention logit soft-capping is not supported by llama.cpp's gemma3")
+    if config.get("use_bidirectional_attention"):
+        raise EdgetuneError("bidirectional Gemma 3 (an embedding model) is not a causal LM to export")
+    if config.get("query_pre_attn_scalar", head_dim(config)) != head_dim(config):
+        raise EdgetuneError(f"query_pre_attn_scalar {config['query_pre_attn_scalar']} differs from "
+                            f"head_dim {head_dim(config)}; llama.cpp scales queries by head_dim")
+    types = config.get("layer_types") or []
+    if config.get("sliding_window") and "sliding_attention" in types:
+        writer.add_sliding_window(config["sliding_window"])
+        pattern = swa_pattern(types)
+        if pattern != LLAMA_CPP_SWA_PATTERN:
+            writer.add_sliding_window_pattern(pattern)
+        writer.add_rope_freq_base_swa(_rope(config, "sliding_attention")[0])
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+
+
+def swa_pattern(layer_types: list[str]) -> int | list[bool]:
+    """llama.cpp's sliding-window pattern: n when every n-th layer is global (n - 1 local ones,
+    then one global), else one flag per layer (True: sliding)."""
+    flags = [t == "sliding_attention" for t in layer_types]
+    for n in range(1, len(flags) + 1):
+        if flags == [i % n < n - 1 for i in range(len(flags))]:
+            return n
+    return flags
 
 
 @dataclass(frozen=True)
 class Arch:
     gguf_arch: str  # a gguf.MODEL_ARCH member name
-    permute_qk: bool  # interleaved ("normal") rotary in llama.cpp: permute q/k rows
+    permute_qk: bool = False  # interleaved ("normal") rotary in llama.cpp: permute q/k rows
+    norm_shift: float = 0.0  # added to every norm weight (Gemma applies 1 + w)
+    hparams: tuple[Callable, ...] = field(default=())  # writers of architecture-specific keys
 
 
 ARCHITECTURES = {  # HF config.json model_type -> llama.cpp architecture
     "llama": Arch("LLAMA", permute_qk=True),
     "mistral": Arch("LLAMA", permute_qk=True),  # llama.cpp runs Mistral as llama
-    "qwen2": Arch("QWEN2", permute_qk=False),
-    "qwen3": Arch("QWEN3", permute_qk=False),
+    "qwen2": Arch("QWEN2"),
+    "qwen3": Arch("QWEN3"),
+    "gemma3_text": Arch("GEMMA3", norm_shift=1.0, hparams=(_gemma3_hparams,)),
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -42,13 +87,15 @@ def architecture(config: dict) -> Arch:
     return ARCHITECTURES[model_type]
 
 
-def _rope_params(config: dict) -> dict:
-    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+def _rope_params(config: dict, layer_type: str = "full_attention") -> dict:
+    """Rope settings, of one layer type where they differ by type (Gemma 3: full / sliding)."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return params.get(layer_type, params) if isinstance(params.get(layer_type), dict) else params
 
 
-def _rope(config: dict) -> tuple[float, str, float]:
+def _rope(config: dict, layer_type: str = "full_attention") -> tuple[float, str, float]:
     """(theta, type, factor) from either the transformers 4 or 5 spelling of the rope settings."""
-    params = _rope_params(config)
+    params = _rope_params(config, layer_type)
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
@@ -82,6 +129,8 @@ def add_hparams(writer, config: dict) -> None:
     if kind == "linear":
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(factor)
+    for extra in architecture(config).hparams:
+        extra(writer, config)
 
 
 def llama3_rope_factors(config: dict):
@@ -119,6 +168,7 @@ class Namer:
         heads = config["num_attention_heads"]
         self.heads = {gguf.MODEL_TENSOR.ATTN_Q: heads,
                       gguf.MODEL_TENSOR.ATTN_K: config.get("num_key_value_heads") or heads}
+        self.norms = {k for k in gguf.MODEL_TENSOR if k.name.endswith("_NORM")}
 
     @property
     def arch_name(self) -> str:
@@ -128,12 +178,25 @@ class Namer:
 
     def name(self, hf_name: str) -> tuple[str, int | None]:
         """(GGUF name, heads to permute over or None)."""
+        kind, gguf_name = self._find(hf_name)
+        return gguf_name, (self.heads.get(kind) if self.arch.permute_qk else None)
+
+    def _find(self, hf_name: str) -> tuple:
         found = self.table.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise EdgetuneError(f"tensor {hf_name} has no GGUF name for {self.arch_name}; "
                                 "the model has layers this exporter does not know")
-        kind, gguf_name = found
-        return gguf_name, (self.heads.get(kind) if self.arch.permute_qk else None)
+        return found
+
+    def convert(self, hf_name: str, array) -> tuple[str, object]:
+        """(GGUF name, array as llama.cpp wants it): q/k rows permuted, norm weights shifted."""
+        kind, gguf_name = self._find(hf_name)
+        heads = self.heads.get(kind) if self.arch.permute_qk else None
+        if heads:
+            array = rope_permute(array, heads)
+        if self.arch.norm_shift and kind in self.norms:
+            array = array + self.arch.norm_shift
+        return gguf_name, array
 
 
 def encode(array, out_type: str):
@@ -180,8 +243,11 @@ def _finish(writer) -> None:
     writer.close()
 
 
-def write_gguf(model_dir: Path, out_path: Path, out_type: str = "f16") -> list[str]:
-    """Write the HF model in `model_dir` as a GGUF file; returns notes worth reporting."""
+def write_gguf(model_dir: Path, out_path: Path, out_type: str = "f16",
+               chat_template: str | None = None) -> list[str]:
+    """Write the HF model in `model_dir` as a GGUF file; returns notes worth reporting.
+
+    `chat_template` replaces the folder's own (a run's template: see edgetune.templates)."""
     import gguf
 
     from edgetune.export.gguf_vocab import add_vocab
@@ -199,7 +265,7 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str = "f16") -> list[s
     writer.add_file_type(_file_type(out_type))
     if out_type == "q8_0":
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_vocab(writer, model_dir, config["vocab_size"])
+    add_vocab(writer, model_dir, config["vocab_size"], chat_template)
     if _rope(config)[1] == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                           llama3_rope_factors(config))
@@ -208,9 +274,7 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str = "f16") -> list[s
     for hf_name, array in _hf_tensors(model_dir):
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        gguf_name, heads = namer.name(hf_name)
-        if heads:
-            array = rope_permute(array, heads)
+        gguf_name, array = namer.convert(hf_name, array)
         data, kind, note = encode(array, out_type)
         notes.add(note)
         writer.add_tensor(gguf_name, data, raw_dtype=kind)

@@ -47,6 +47,14 @@ def load_llama(path: Path, n_ctx: int, lora: Path | None = None, logits_all: boo
         raise EdgetuneError("checking or running GGUF files needs llama-cpp-python: "
                             "pip install llama-cpp-python") from None
     adapter = f" with adapter {Path(lora).name}" if lora else ""
+    if lora:  # llama.cpp's own refusal of another architecture's adapter is only a log line
+        from edgetune.models import gguf_metadata
+
+        kinds = [gguf_metadata(Path(f), ("general.architecture",)).get("general.architecture")
+                 for f in (lora, path)]
+        if None not in kinds and kinds[0] != kinds[1]:
+            raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}{adapter}: {Path(lora).name} "
+                                f"is a {kinds[0]} adapter; {Path(path).name} is {kinds[1]}")
     with quiet_native_logs():  # some context warnings bypass verbose=False
         try:
             llm = Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,

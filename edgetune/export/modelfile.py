@@ -1,22 +1,18 @@
 """Ollama Modelfiles beside exported GGUF files.
 
-Ollama does not run jinja chat templates; it wants a Go template. For ChatML templates (SmolLM2, Qwen)
-the equivalent is written out, with the template's built-in system message as SYSTEM. Other templates
-get no TEMPLATE line and a comment saying so, rather than a guess that formats chats wrongly.
+Ollama does not run jinja chat templates; it wants a Go template. A template that renders like one
+of edgetune's named templates (edgetune.templates: chatml, gemma, llama3, plain) gets that one's Go
+equivalent; a ChatML template with a built-in system message (SmolLM2, Qwen) gets ChatML's, with
+that message as SYSTEM. Other templates get no TEMPLATE line and a comment saying so, rather than a
+guess that formats chats wrongly.
 """
 
 from pathlib import Path
 
+from edgetune import templates
 from edgetune.errors import EdgetuneError
 from edgetune.export.run import render_template
 
-CHATML_GO = '''{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range .Messages }}{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}{{- end }}<|im_start|>assistant
-'''
 _CHATML_PROBE = ("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
                  "<|im_start|>assistant\n")
 
@@ -47,9 +43,12 @@ def modelfile_text(gguf_name: str, template: str | None, stops: list[str],
     lines = [f"FROM ./{gguf_name}"]
     if adapter_name:
         lines.append(f"ADAPTER ./{adapter_name}")
+    known = templates.known(template)
     is_chatml, system = chatml_default_system(template) if template else (False, None)
-    if is_chatml:
-        lines.append(f"TEMPLATE {_quoted(CHATML_GO)}")
+    if known is None and is_chatml:
+        known = templates.TEMPLATES["chatml"]
+    if known is not None:
+        lines.append(f"TEMPLATE {_quoted(known.go)}")
         if system:
             lines.append(f"SYSTEM {_quoted(system)}")
     elif template:

@@ -28,6 +28,13 @@ SUPPORTED = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+# Architectures the genai builder cannot build here, with the reason; --onnx-generic still can.
+GENAI_REFUSED = {
+    "gemma3_text": "onnxruntime-genai's model builder reads Gemma 3's rope settings in the "
+                   "transformers 4 spelling (rope_theta, rope_local_base_freq) and fails on "
+                   "transformers 5's per-layer-type rope_parameters",
 }
 PRECISIONS = ("fp32", "int8", "int4")
 # fp32 and int8 folders are gated like GGUF files (gate.py); int4 is reported, not failed.
@@ -59,6 +66,9 @@ def export_onnx(model_dir: Path, out_dir: Path, precision: str, generic: bool,
     if len(held_out_ids) < 2:
         raise ValueError("held_out_ids needs at least 2 tokens to compare next-token predictions")
     config = read_config(model_dir)
+    if not generic and config["model_type"] in GENAI_REFUSED:
+        raise EdgetuneError(f"ONNX for onnxruntime-genai cannot be built for {config['model_type']}: "
+                            f"{GENAI_REFUSED[config['model_type']]}; use --onnx-generic")
     limit = config.get("max_position_embeddings") or math.inf
     if max_length is not None and not 1 <= max_length <= limit:
         raise EdgetuneError(f"context length {max_length} is outside 1..{limit}, the model's limit")

@@ -40,6 +40,10 @@ def export_files(config, source, tmp: Path, formats, rejected: Path | None = Non
         _say(f"merging {source.adapter_dir} into {source.model_dir.name}")
         model_dir = merge(source.model_dir, source.adapter_dir, work / "merged")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if source.chat_template is not None:  # the run's template goes into every file
+        tokenizer.chat_template = source.chat_template
+        if source.adapter_dir is not None:
+            tokenizer.save_pretrained(model_dir)  # the merged folder: ONNX builders copy it
     train, held = run_examples(source.run_config, tokenizer) if source.run_config else ([], [])
     ids = held_out_ids(tokenizer, held, config.positions)
     reference = torch_reference(model_dir, ids) if config.verify else None
@@ -137,7 +141,7 @@ def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], refere
         folder = tmp if kind in types else work
         folder.mkdir(parents=True, exist_ok=True)
         _say(f"writing model-{kind}.gguf")
-        notes[kind] = write_gguf(model_dir, folder / f"model-{kind}.gguf", kind)
+        notes[kind] = write_gguf(model_dir, folder / f"model-{kind}.gguf", kind, chat[0])
     f16 = tmp / "model-f16.gguf" if "f16" in types else work / "model-f16.gguf"
     rows = []
     if low:
@@ -166,7 +170,7 @@ def gguf_adapter(source, tmp: Path, reference, chat: tuple) -> Verification | No
     from edgetune.export.verify import verify_gguf
 
     _say("writing base-f16.gguf and adapter.gguf")
-    write_gguf(source.model_dir, tmp / "base-f16.gguf", "f16")
+    write_gguf(source.model_dir, tmp / "base-f16.gguf", "f16", chat[0])
     alpha = write_adapter_gguf(source.model_dir, source.adapter_dir, tmp / "adapter.gguf")
     write_modelfile(tmp / "base-f16.gguf", *chat, adapter=tmp / "adapter.gguf")
     if reference is None:

@@ -5,29 +5,16 @@ handler guesses a format from the metadata and, for SmolLM2's GGUF, produced gar
 ChatML prompt sent raw answered correctly.
 """
 
-from datetime import datetime
 from pathlib import Path
 
+from edgetune import templates
 from edgetune.errors import EdgetuneError
 from edgetune.export.config import RunConfig
 
 
 def render_template(template: str, messages: list[dict], bos: str = "", eos: str = "") -> str:
-    """An HF chat template rendered the way transformers does (sandboxed, trimmed blocks)."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise EdgetuneError(f"chat template refused the conversation: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(raise_exception=raise_exception,
-                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token=bos, eos_token=eos)
-    except TemplateError as exc:
-        raise EdgetuneError(f"cannot render the chat template: {exc}") from None
+    """An HF chat template rendered the way transformers does, with the generation prompt."""
+    return templates.render(template, messages, True, bos, eos)
 
 
 def _token_text(llm, key: str) -> str:

@@ -9,13 +9,17 @@ from edgetune.shape import ModelShape, shape_from_config
 
 
 def _cfg(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
-         vocab: int, tied: bool, head_dim: int | None = None) -> dict:
+         vocab: int, tied: bool, head_dim: int | None = None, window: int | None = None) -> dict:
     config = {"model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers,
               "num_attention_heads": heads, "num_key_value_heads": kv_heads,
               "intermediate_size": intermediate, "vocab_size": vocab, "tie_word_embeddings": tied,
               "dtype": "bfloat16"}
     if head_dim is not None:
         config["head_dim"] = head_dim
+    if window is not None:  # Gemma 3: five local (sliding-window) layers, then a global one
+        config["sliding_window"] = window
+        config["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                                 for i in range(layers)]
     return config
 
 
@@ -36,6 +40,13 @@ CATALOGUE: dict[str, tuple[str, dict]] = {
     "llama-3.2-3b": ("meta-llama/Llama-3.2-3B", _cfg("llama", 3072, 28, 24, 8, 8192, 128256, True, 128)),
     "llama-3.1-8b": ("meta-llama/Llama-3.1-8B", _cfg("llama", 4096, 32, 32, 8, 14336, 128256, False)),
     "gemma-2-2b": ("google/gemma-2-2b", _cfg("gemma2", 2304, 26, 8, 4, 9216, 256000, True, 256)),
+    "gemma3-270m": ("google/gemma-3-270m",
+                    _cfg("gemma3_text", 640, 18, 4, 1, 2048, 262144, True, 256, window=512)),
+    "gemma3-1b": ("google/gemma-3-1b-pt",
+                  _cfg("gemma3_text", 1152, 26, 4, 1, 6912, 262144, True, 256, window=512)),
+    # The 4B checkpoint is multimodal; these are its text model's numbers (text_config).
+    "gemma3-4b": ("google/gemma-3-4b-pt",
+                  _cfg("gemma3_text", 2560, 34, 8, 4, 10240, 262208, True, 256, window=1024)),
     "phi-3.5-mini": ("microsoft/Phi-3.5-mini-instruct",
                      _cfg("phi3", 3072, 32, 32, 32, 8192, 32064, False)),
     "mistral-7b": ("mistralai/Mistral-7B-v0.3", _cfg("mistral", 4096, 32, 32, 8, 14336, 32768, False)),

@@ -6,6 +6,10 @@ AttentionInterface (its documented extension point) when a run starts, makes one
 example: no example sees another, and no work goes into the cross-example blocks that a
 block-diagonal mask would still compute. A model left on plain "sdpa" trains correctly on packed rows
 too (transformers derives a block-diagonal mask from the position ids), only slower.
+
+Sliding-window layers (Gemma 2/3's local layers) get `sliding_window` from transformers: a query at
+position i sees keys i - window < j <= i of its own example (transformers' `sliding_window_overlay`).
+An example no longer than the window is plain causal; a longer one gets that banded mask.
 """
 
 from typing import Any
@@ -27,12 +31,28 @@ def segment_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:  # SDPA has no logit soft-capping (Gemma 2)
+        raise NotImplementedError("packed rows with attention logit soft-capping")
+    window = kwargs.get("sliding_window")
     gqa = query.shape[1] != key.shape[1]
-    parts = [torch.nn.functional.scaled_dot_product_attention(
-        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, scale=scaling,
-        is_causal=True, enable_gqa=gqa) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        mask = _window_mask(b - a, window, query.device)
+        parts.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], attn_mask=mask, dropout_p=dropout,
+            scale=scaling, is_causal=mask is None, enable_gqa=gqa))
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _window_mask(n: int, window: int | None, device: Any) -> torch.Tensor | None:
+    """The boolean (n, n) mask of causal attention within `window` keys, or None when plain causal
+    attention is the same thing (no window, or an example no longer than it)."""
+    if window is None or n <= window:
+        return None
+    i = torch.arange(n, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 def use_segment_attention(model: Any) -> None:

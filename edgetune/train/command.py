@@ -8,11 +8,11 @@ from typing import Any, Callable
 
 import yaml
 
-from edgetune import folders, models
+from edgetune import folders, models, templates
 from edgetune.errors import EdgetuneError
 from edgetune.folders import RUN_MARKERS, say
 from edgetune.records import read_jsonl
-from edgetune.runfiles import RUN_CONFIG
+from edgetune.runfiles import CHAT_TEMPLATE, RUN_CONFIG
 from edgetune.signals import stop_on_signals
 from edgetune.train.config import TrainConfig
 from edgetune.train.data import encode, fit_to_length, split
@@ -43,6 +43,7 @@ class Setup:
     train_set: list
     eval_set: list
     total: int
+    template: str | None  # the chat template the run trains with, when it is not the model's own
 
 
 def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> Any:
@@ -71,7 +72,7 @@ def _check_output(config: TrainConfig, run_dir: Path) -> None:
 
 def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any:
     _check_output(config, run_dir)
-    setup = prepare(config)  # a bad flag, file or model fails here, before anything is written
+    setup = prepare(config, run_dir)  # a bad flag, file or model fails here, before any write
     model = load_model(setup)  # only now, with everything read and loaded, is a folder made
     with folders.disk_errors(run_dir.parent):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,8 @@ def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any:
             folders.clear(run_dir)
         text = yaml.safe_dump(recorded_settings(setup.config), sort_keys=False)
         folders.write_text_atomic(run_dir / RUN_CONFIG, text)
+        if setup.template is not None:
+            folders.write_text_atomic(run_dir / CHAT_TEMPLATE, setup.template)
         return _run(setup, model, run_dir, None, on_step)
 
 
@@ -91,7 +94,7 @@ def _resume(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any
         raise EdgetuneError(f"--resume: {run_dir} is not an edgetune run (no {RUN_CONFIG})")
     with _lock(run_dir):
         config, changes = resumed_config(config, run_dir)
-        setup = prepare(config)
+        setup = prepare(config, run_dir)
         model = load_model(setup)
         for folder in (run_dir, run_dir / "checkpoints"):  # what an interrupted process left
             folders.remove_leftovers(folder)
@@ -108,7 +111,7 @@ def _resume(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any
         return _run(setup, model, run_dir, start, on_step)
 
 
-def prepare(config: TrainConfig) -> Setup:
+def prepare(config: TrainConfig, run_dir: Path) -> Setup:
     """Check the data, device and model and tokenize; loads no weights and writes no run file."""
     import torch
 
@@ -117,6 +120,8 @@ def prepare(config: TrainConfig) -> Setup:
     if config.threads:
         torch.set_num_threads(config.threads)
     records = read_records(config)  # cheap checks first: a bad file fails before the model resolves
+    if config.template and not config.resume:
+        templates.resolve(config.template)
     device = model_lib.pick_device(config.device)
     dtype = model_lib.pick_dtype(config.dtype, device)
     model_dir = models.resolve(config.model, config.cache_dir)
@@ -124,10 +129,11 @@ def prepare(config: TrainConfig) -> Setup:
     if config.plan == "auto":
         config = apply_plan(config, model_dir, device, dtype)
     tokenizer = _tokenizer(model_dir)
+    config, template = _chat_template(config, tokenizer, records, run_dir)
     train_set, eval_set = load_examples(config, tokenizer, records)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    return Setup(config, model_dir, device, dtype, tokenizer, train_set, eval_set, total)
+    return Setup(config, model_dir, device, dtype, tokenizer, train_set, eval_set, total, template)
 
 
 def load_model(setup: Setup) -> Any:
@@ -176,6 +182,24 @@ def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
         update(run_dir, title=config.output)
         _report(summary, run_dir)
     return summary
+
+
+def _chat_template(config: TrainConfig, tokenizer: Any, records: dict,
+                   run_dir: Path) -> tuple[TrainConfig, str | None]:
+    """Put the run's chat template on the tokenizer: --template, else the model's own, else (a base
+    model with chat or alpaca records) a default, recorded in the run config by name."""
+    if config.resume:
+        saved = run_dir / CHAT_TEMPLATE
+        text = saved.read_text(encoding="utf-8") if saved.is_file() else None
+    else:
+        needs_one = any(fmt != "text" for fmt, _ in records.values())
+        name, text = templates.choose(config.template, tokenizer.chat_template,
+                                      tokenizer.get_vocab(), needs_one, config.model)
+        if name is not None and config.template is None:
+            config = dataclasses.replace(config, template=name)
+    if text is not None:
+        tokenizer.chat_template = text
+    return config, text
 
 
 def _tokenizer(model_dir: Path) -> Any:

@@ -17,6 +17,10 @@ class TrainConfig:
     data: str | None = option(None, "training data, JSONL (alpaca, chat messages or text records)")
     eval_data: str | None = option(None, "validation data, JSONL; default: split off --eval-split")
     eval_split: float = option(0.05, "fraction of --data held out for validation when no --eval-data")
+    template: str | None = option(None, "chat template for chat and alpaca records: chatml, gemma, "
+                                  "llama3, plain or a FILE.jinja (default: the model's own; a base "
+                                  "model without one gets one chosen from its vocabulary)",
+                                  metavar="NAME|FILE")
     output: str = option("edgetune-run", "run folder: PEFT adapter, config, log and checkpoints")
     force: bool = option(False, "replace an existing run folder (only one edgetune made, or an "
                                 "empty one)")

@@ -22,11 +22,28 @@ class Example:
     labels: list[int]
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> list[int]:
+def render_ids(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` in the tokenizer's chat template, starting with BOS where the
+    tokenizer starts text with one.
+
+    llama.cpp adds BOS to a rendered prompt when the GGUF says `add_bos_token` (Gemma, Llama; Gemma
+    was pretrained with BOS starting every sequence), so a template without `{{ bos_token }}`
+    (chatml, plain) is trained here the way it will run there.
+    """
     ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
     if hasattr(ids, "keys"):  # BatchEncoding in transformers 5
         ids = ids["input_ids"]
-    return list(ids)
+    ids = list(ids)
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos] and adds_bos(tokenizer):
+        ids.insert(0, bos)
+    return ids
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer starts plain text with its BOS token."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
 
 
 def encode_chat(tokenizer: Any, messages: list[dict]) -> Example:
@@ -36,8 +53,8 @@ def encode_chat(tokenizer: Any, messages: list[dict]) -> Example:
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        before = render_ids(tokenizer, messages[:i], generation_prompt=True)
+        through = render_ids(tokenizer, messages[: i + 1], generation_prompt=False)
         if through[: len(before)] != before or before[: len(input_ids)] != input_ids:
             raise EdgetuneError("the model's chat template does not render conversations as prefixes "
                                 "of each other, so the response tokens cannot be located")
@@ -57,7 +74,7 @@ def encode(tokenizer: Any, fmt: str, records: list[dict]) -> list[Example]:
     """Tokenize records; chat and alpaca need the tokenizer's chat template."""
     if fmt != "text" and not getattr(tokenizer, "chat_template", None):
         raise EdgetuneError(f"the model's tokenizer has no chat template, needed for {fmt} records; "
-                            "use plain 'text' records instead")
+                            "pass --template (chatml, gemma, llama3, plain or a .jinja file)")
     if fmt == "text":
         return [encode_text(tokenizer, r["text"]) for r in records]
     return [encode_chat(tokenizer, to_messages(r, fmt)) for r in records]

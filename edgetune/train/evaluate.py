@@ -3,6 +3,7 @@
 from typing import Any
 
 from edgetune.records import prompt_messages, to_messages
+from edgetune.train.data import render_ids
 
 
 def _reference(record: dict, fmt: str) -> str:
@@ -11,28 +12,37 @@ def _reference(record: dict, fmt: str) -> str:
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new_tokens: int = 24,
                      batch_size: int = 16) -> list[str]:
-    """Greedy answers to chat prompts, batched with left padding."""
+    """Greedy answers to chat prompts, batched with left padding; prompts are tokenized as in
+    training (`render_ids`)."""
     import torch
 
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-             for p in prompts]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ids = [render_ids(tokenizer, p, generation_prompt=True) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     model.eval()
-    try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(x) for x in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=stop_ids(tokenizer))
+        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [a.strip() for a in answers]
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Tokens that end a reply: the chat template's end-of-turn token (if a single token), then eos."""
+    from edgetune.templates import TEMPLATES
+
+    template, vocab = tokenizer.chat_template or "", tokenizer.get_vocab()
+    ends = [t.end_of_turn for t in TEMPLATES.values() if t.end_of_turn]
+    ids = [vocab[e] for e in ends if e in template and e in vocab]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
 
 
 def exact_match(model: Any, tokenizer: Any, records: list[dict], fmt: str,

@@ -11,6 +11,10 @@ row of logits never exists, and each block of logits reuses memory that is alrea
 of touching fresh pages (docs/performance.md has the measurements). An output layer stored narrower
 than the hidden states (bf16 beside fp32 compute, see edgetune.train.model.narrow_embeddings) is
 widened one block at a time, so the wide weight never exists either.
+
+A model with final-logit soft-capping (Gemma 2, and Gemma 3 where its config sets it) scores
+cap * tanh(logit / cap); each block is capped as it is computed, and the gradient takes the tanh's
+slope, 1 - (capped / cap)^2, per logit.
 """
 
 from typing import Any
@@ -37,7 +41,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                rows: int) -> torch.Tensor:
+                rows: int, cap: float | None = None) -> torch.Tensor:
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(hidden) if want_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -45,43 +49,58 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             t = targets[start:start + len(h)]
-            lse, target_logit, softmax_w = _online_softmax(h, weight, t, rows, want_grad)
+            lse, target_logit, softmax_w, target_slope = _online_softmax(h, weight, t, rows,
+                                                                         want_grad, cap)
             total += (lse - target_logit).sum()
             if want_grad:  # softmax minus the one-hot target, times the weight
-                grad[start:start + len(h)] = softmax_w - weight[t].to(h.dtype)
+                target_w = weight[t].to(h.dtype)
+                if cap:
+                    target_w.mul_(target_slope[:, None].to(h.dtype))
+                grad[start:start + len(h)] = softmax_w - target_w
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad * grad_output.to(grad.dtype), None, None, None, None
 
 
 def _online_softmax(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, rows: int,
-                    want_grad: bool) -> tuple:
-    """(logsumexp, target logit, softmax @ weight) of logits h @ weight.T, `rows` vocab rows at a time."""
+                    want_grad: bool, cap: float | None = None) -> tuple:
+    """(logsumexp, target logit, softmax @ weight, target slope) of logits h @ weight.T (soft-capped
+    at `cap`), `rows` vocab rows at a time. With a cap, softmax @ weight is weighted by each logit's
+    slope and the target's slope is returned (else None)."""
     n = len(h)
     running_max = torch.full((n,), -torch.inf, dtype=torch.float32, device=h.device)
     running_sum = torch.zeros(n, dtype=torch.float32, device=h.device)
     target_logit = torch.empty(n, dtype=torch.float32, device=h.device)
     acc = torch.zeros_like(h) if want_grad else None
+    target_slope = torch.empty(n, dtype=torch.float32, device=h.device) if cap else None
     index = torch.arange(n, device=h.device)
     for first in range(0, weight.shape[0], rows):
         w = weight[first:first + rows].to(h.dtype)  # a view when already in the compute dtype
         logits = (h @ w.T).float()
+        slope = None
+        if cap:
+            logits.div_(cap).tanh_()
+            slope = 1 - logits.square() if want_grad else None
+            logits.mul_(cap)
         inside = (t >= first) & (t < first + len(w))
         target_logit[inside] = logits[index[inside], t[inside] - first]
+        if slope is not None:
+            target_slope[inside] = slope[index[inside], t[inside] - first]
         new_max = torch.maximum(running_max, logits.amax(dim=1))
         rescale = (running_max - new_max).exp_()
         probs = logits.sub_(new_max[:, None]).exp_()  # unnormalised, in place of the logits
         running_sum = running_sum * rescale + probs.sum(dim=1)
         if want_grad:
-            acc.mul_(rescale[:, None].to(acc.dtype)).addmm_(probs.to(w.dtype), w)
+            weighted = probs if slope is None else slope.mul_(probs)
+            acc.mul_(rescale[:, None].to(acc.dtype)).addmm_(weighted.to(w.dtype), w)
         running_max = new_max
     lse = running_max + running_sum.log()
     softmax_w = acc.div_(running_sum[:, None].to(acc.dtype)) if want_grad else None
-    return lse, target_logit, softmax_w
+    return lse, target_logit, softmax_w, target_slope
 
 
 def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
@@ -95,8 +114,9 @@ def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     wanted = targets[keep]
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("output layers with a bias are not supported")
+    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     loss = _LinearCrossEntropy.apply(selected, head.weight, wanted,
-                                     block_rows(head.weight, selected.dtype))
+                                     block_rows(head.weight, selected.dtype), cap)
     return loss, int(wanted.numel())
 
 

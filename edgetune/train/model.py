@@ -140,6 +140,7 @@ def to_compute_dtype(model: Any, dtype: Any, keep_embeddings: bool = False) -> N
     """Bring the tensors left unquantized (norms, and embeddings unless kept narrow) to the compute
     dtype; tied tensors are converted once."""
     import bitsandbytes as bnb
+    import torch
 
     quantized = (bnb.nn.Params4bit, bnb.nn.Int8Params)
     kept = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
@@ -153,6 +154,9 @@ def to_compute_dtype(model: Any, dtype: Any, keep_embeddings: bool = False) -> N
             done.add(id(tensor))
             if tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor.data = tensor.data.to(dtype)
+        if hasattr(module, "scalar_embed_scale"):  # its buffer was rounded when loaded narrow
+            module.embed_scale.data = torch.tensor(module.scalar_embed_scale, dtype=dtype,
+                                                   device=module.embed_scale.device)
 
 
 def narrow_embeddings(model: Any, dtype: Any) -> None:
@@ -168,7 +172,19 @@ def narrow_embeddings(model: Any, dtype: Any) -> None:
 
     from edgetune.train.loss import block_rows
 
-    model.get_input_embeddings().register_forward_hook(lambda _m, _args, out: out.to(dtype))
+    embed = model.get_input_embeddings()
+    scale = getattr(embed, "scalar_embed_scale", None)
+    if scale is None:
+        embed.register_forward_hook(lambda _m, _args, out: out.to(dtype))
+    else:
+        # Gemma scales embeddings by sqrt(hidden) in the table's dtype: in bf16 the scale itself
+        # rounds (sqrt(640) = 25.298 becomes 25.25). Widened rows times the exact scale are what an
+        # fp32 table gives.
+        def scaled_forward(ids: Any) -> Any:
+            rows = F.embedding(ids, embed.weight, embed.padding_idx).to(dtype)
+            return rows * scale
+
+        embed.forward = scaled_forward
     head = model.get_output_embeddings()
     if head is None:
         return
