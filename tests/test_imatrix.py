@@ -149,8 +149,9 @@ def test_export_computes_saves_and_uses_the_imatrix(data_run, tmp_path, capsys):
     assert cli.main(["export", str(data_run), "--gguf", "q4_0", "--output", str(out)]) == 0
     said = capsys.readouterr().out
     assert "computing the importance matrix over" in said and "train.jsonl" in said
-    assert sorted(p.name for p in out.iterdir()) == ["imatrix.gguf", "model-q4_0.Modelfile",
-                                                     "model-q4_0.gguf", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["edgetune_export.yaml", "imatrix.gguf",
+                                                     "model-q4_0.Modelfile", "model-q4_0.gguf",
+                                                     "report.json", "report.md"]
     saved = imatrix.read(out / "imatrix.gguf")
     assert sorted(saved.sums) == NAMES and saved.datasets[0].endswith("train.jsonl")
     rows = {r["format"]: r for r in json.loads((out / "report.json").read_text())}
