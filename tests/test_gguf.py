@@ -110,6 +110,32 @@ def test_tokenizer_metadata(tiny_model, tmp_path):
     assert read_field(reader, "tokenizer.ggml.add_bos_token") is False
 
 
+def test_tensors_spill_beside_the_output_not_into_tmp(tiny_model, tmp_path, monkeypatch):
+    """GGUFWriter spools tensors until the header is written; past the spool size they go to disk,
+    which must be the output's (its room was checked), not the system's temporary folder."""
+    import tempfile
+
+    import edgetune.export.gguf as gguf_module
+
+    spools, spool = [], tempfile.SpooledTemporaryFile
+
+    def recorded(*args, **kwargs):
+        spools.append(kwargs.get("dir"))
+        return spool(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", recorded)
+    monkeypatch.setattr(gguf_module, "SPOOL_BYTES", 1)  # spill at the first tensor
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    (tmp_path / "out").mkdir()
+    write_gguf(tiny_model, tmp_path / "out" / "model.gguf", "f16")
+    assert spools == [tmp_path / "out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.gguf"]
+    reference = tmp_path / "reference.gguf"
+    monkeypatch.undo()
+    write_gguf(tiny_model, reference, "f16")
+    assert (tmp_path / "out" / "model.gguf").read_bytes() == reference.read_bytes()
+
+
 TEXTS = ["The capital of France is Paris.", "Convert March 15, 2024 to 2024-03-15!\n\n  ok",
          "<|im_start|>user\nWhat's up?<|im_end|>\n<|im_start|>assistant\n"]
 

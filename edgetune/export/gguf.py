@@ -15,6 +15,7 @@ common ones. Tensor names come from the gguf package's per-architecture tables.
   sqrt(hidden) is applied by llama.cpp's gemma3 graph itself (nothing to write).
 """
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from edgetune.shape import head_dim
 
 # Types written directly by this module; lower-bit types go through quantize.py from the f16 file.
 DIRECT_TYPES = ("f16", "bf16", "q8_0")
+SPOOL_BYTES = 256 * 2**20  # what GGUFWriter keeps in memory before its spool goes to disk
 _Q8_BLOCK = 32
 # llama.cpp's gemma3 graph: every 6th layer global unless the file says otherwise.
 LLAMA_CPP_SWA_PATTERN = 6
@@ -258,6 +260,9 @@ def write_gguf(model_dir: Path, out_path: Path, out_type: str = "f16",
     config = read_config(model_dir)
     namer = Namer(config)
     writer = gguf.GGUFWriter(str(out_path), namer.arch_name, use_temp_file=True)
+    # Tensors wait in a spool until the header is written; past 256 MiB it spills to a file. Keep that
+    # file beside the output (whose disk was checked for room), not in /tmp, a RAM tmpfs on many systems.
+    writer.temp_file = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=Path(out_path).parent)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(str(config.get("_name_or_path") or config.get("_model_name_or_path")
                         or Path(model_dir).resolve().name))
