@@ -1,5 +1,6 @@
 """Loading the base model for training: device, compute dtype, optional 4/8-bit base, LoRA on top."""
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -226,16 +227,26 @@ def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str |
                         task_type="CAUSAL_LM", bias="none")
     torch.manual_seed(seed)
     try:
-        peft_model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated name for checkpointing
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise EdgetuneError(f"--target-modules {modules}: {str(exc).splitlines()[0]}") from None
     from edgetune.train.lora import fuse_lora
 
     fuse_lora(peft_model)
     if grad_checkpointing:
-        peft_model.base_model.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(peft_model.base_model.model)
     return peft_model
+
+
+def checkpoint_layers(model: Any) -> None:
+    """Turn on activation checkpointing (non-reentrant) under the name this transformers uses."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
