@@ -108,6 +108,8 @@ def _quickstart(config: QuickstartConfig, out: Path) -> int:
         seq_len=256, save_every=0, eval_every=0, cache_dir=config.cache_dir,
         threads=config.threads, progress=config.progress))
     if summary.interrupted:
+        stopped = {"status": "interrupted", "steps": summary.steps, "config": as_dict(config)}
+        folders.write_text_atomic(out / QUICKSTART_RESULT, json.dumps(stopped, indent=2) + "\n")
         folders.say(f"interrupted at step {summary.steps}; run edgetune quickstart again to start over")
         return summary.exit_status
     template_file = run / CHAT_TEMPLATE

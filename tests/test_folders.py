@@ -210,3 +210,19 @@ def test_validation_comes_before_the_model_and_writes_nothing(tiny_model, alpaca
         assert cli.main(base + flags.split()) == 1
         assert message in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_quickstart_says_so_in_its_results(tiny_model, tmp_path, monkeypatch):
+    import json
+
+    import edgetune.train.command
+    from edgetune.quickstart import QuickstartConfig, main
+    from edgetune.train.loop import Summary
+
+    stopped = Summary(steps=3, train_loss=1.0, eval_loss=None, tokens_per_s=1.0, peak_rss_bytes=0,
+                      interrupted=True, exit_status=143)
+    monkeypatch.setattr(edgetune.train.command, "train", lambda config: stopped)
+    out = tmp_path / "edgetune-quickstart"
+    assert main(QuickstartConfig(output=str(out), model=str(tiny_model))) == 143
+    result = json.loads((out / "quickstart.json").read_text())
+    assert (result["status"], result["steps"]) == ("interrupted", 3)
