@@ -20,6 +20,8 @@ VERBS = {
              "edgetune.plan.config:PlanConfig", "edgetune.plan.command"),
     "train": ("fine-tune a model with LoRA or QLoRA on JSONL data",
               "edgetune.train.config:TrainConfig", "edgetune.train.command"),
+    "distill": ("train a student on a teacher's top-k log-probs or responses, the teacher in llama.cpp",
+                "edgetune.distill.config:DistillConfig", "edgetune.distill.command"),
     "export": ("merge a run's adapter and write verified GGUF or ONNX files",
                "edgetune.export.config:ExportConfig", "edgetune.export.command"),
     "run": ("chat with a GGUF model through llama.cpp",

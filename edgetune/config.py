@@ -15,9 +15,11 @@ from edgetune.errors import EdgetuneError
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, positional: bool = False,
-           metavar: str | None = None) -> Any:
-    """A config field with its help text (and choices), read by `add_arguments`."""
-    meta = {"help": help, "choices": choices, "positional": positional, "metavar": metavar}
+           metavar: str | None = None, flag: str | None = None) -> Any:
+    """A config field with its help text (and choices), read by `add_arguments`; `flag` names the
+    command-line flag when it is not the field's own name (the YAML key stays the field's name)."""
+    meta = {"help": help, "choices": choices, "positional": positional, "metavar": metavar,
+            "flag": flag}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -127,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if meta.get("positional"):
             parser.add_argument(f.name, nargs="?", **kwargs)
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+            name = meta.get("flag") or f.name
+            parser.add_argument("--" + name.replace("_", "-"), dest=f.name, **kwargs)
 
 
 def overrides_from(namespace: argparse.Namespace, cls: type) -> dict:

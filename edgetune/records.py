@@ -10,8 +10,12 @@ from pathlib import Path
 from edgetune.errors import EdgetuneError
 
 
-def read_jsonl(path: str | Path) -> tuple[str, list[dict]]:
-    """The detected format and the records of a JSONL file; a bad line raises with `file:line`."""
+def read_jsonl(path: str | Path, prompts: bool = False) -> tuple[str, list[dict]]:
+    """The detected format and the records of a JSONL file; a bad line raises with `file:line`.
+
+    With `prompts`, records may come without an answer (an alpaca record with no output, a chat
+    ending in a user turn): a teacher writes those (`edgetune distill`).
+    """
     file = Path(path)
     if file.is_dir():
         raise EdgetuneError(f"data file {path} is a folder; pass a .jsonl file")
@@ -25,7 +29,7 @@ def read_jsonl(path: str | Path) -> tuple[str, list[dict]]:
                 if record is None:
                     continue
                 fmt = fmt or _detect(record, f"{path}:{lineno}")
-                _check(record, fmt, f"{path}:{lineno}")
+                _check(record, fmt, f"{path}:{lineno}", prompts)
                 records.append(record)
     except OSError as exc:
         raise EdgetuneError(f"cannot read data file {path}: {exc.strerror or exc}") from None
@@ -65,7 +69,7 @@ def _detect(record: dict, where: str) -> str:
                         f"'instruction' and 'output' (alpaca) or 'text' field, got {sorted(record)}")
 
 
-def _check(record: dict, fmt: str, where: str) -> None:
+def _check(record: dict, fmt: str, where: str, prompts: bool = False) -> None:
     def need_str(key: str, optional: bool = False) -> None:
         if optional and key not in record:
             return
@@ -75,7 +79,7 @@ def _check(record: dict, fmt: str, where: str) -> None:
     if fmt == "text":
         need_str("text")
     elif fmt == "alpaca":
-        need_str("instruction"), need_str("output"), need_str("input", optional=True)
+        need_str("instruction"), need_str("output", prompts), need_str("input", optional=True)
     else:
         messages = record.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -84,8 +88,10 @@ def _check(record: dict, fmt: str, where: str) -> None:
             if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
                     and isinstance(msg.get("content"), str)):
                 raise EdgetuneError(f"{where}: messages[{i}] needs string 'role' and 'content'")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise EdgetuneError(f"{where}: chat record has no assistant message to learn from")
+        asks = prompts and messages[-1]["role"] == "user"
+        if not asks and not any(m["role"] == "assistant" for m in messages):
+            raise EdgetuneError(f"{where}: chat record has no assistant message to learn from"
+                                + (" and does not end in a user turn" if prompts else ""))
 
 
 def to_messages(record: dict, fmt: str) -> list[dict]:
@@ -95,11 +101,33 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
     prompt = record["instruction"]
     if record.get("input"):
         prompt += "\n\n" + record["input"]
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    messages = [{"role": "user", "content": prompt}]
+    if "output" in record:  # a prompt without its answer has none (edgetune distill)
+        messages.append({"role": "assistant", "content": record["output"]})
+    return messages
 
 
 def prompt_messages(record: dict, fmt: str) -> list[dict]:
-    """The messages before the last assistant turn: what a model is asked at evaluation time."""
+    """The messages before the last assistant turn (all of a prompt without an answer): what a model
+    is asked at evaluation time."""
     messages = to_messages(record, fmt)
+    if not answered(record, fmt):
+        return messages
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last]
+
+
+def answered(record: dict, fmt: str) -> bool:
+    """Whether a record carries its answer (text records always do)."""
+    if fmt == "alpaca":
+        return "output" in record
+    if fmt == "chat":
+        return record["messages"][-1]["role"] == "assistant"
+    return True
+
+
+def with_answer(record: dict, fmt: str, answer: str) -> dict:
+    """The record of a prompt with `answer` added as its response, in the record's own format."""
+    if fmt == "alpaca":
+        return {**record, "output": answer}
+    return {**record, "messages": [*record["messages"], {"role": "assistant", "content": answer}]}

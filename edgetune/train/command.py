@@ -20,11 +20,12 @@ from edgetune.train.resume import recorded_settings, resumed_config, truncate_lo
 from edgetune.units import parse_size
 
 
-def main(config: TrainConfig) -> int:
-    summary = train(config)
+def main(config: TrainConfig, task: "Supervised | None" = None) -> int:
+    summary = train(config, task=task)
     if summary.interrupted:
+        verb = "distill" if task is not None and type(task) is not Supervised else "train"
         say(f"interrupted at step {summary.steps}; checkpoint written. "
-            f"Continue with: edgetune train --resume --output {config.output}")
+            f"Continue with: edgetune {verb} --resume --output {config.output}")
         return summary.exit_status
     if summary.stopped_for_memory:
         return 3
@@ -44,9 +45,31 @@ class Setup:
     eval_set: list
     total: int
     template: str | None  # the chat template the run trains with, when it is not the model's own
+    task: "Supervised"
 
 
-def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> Any:
+class Supervised:
+    """What a run learns from: its records, its examples and its loss.
+
+    `edgetune train` learns the records' responses by cross-entropy; `edgetune distill` swaps in a
+    task whose examples carry a teacher's top-k and whose loss is a distillation loss, and so trains
+    through this same loop.
+    """
+
+    def read_records(self, config: TrainConfig) -> dict:
+        return read_records(config)
+
+    def examples(self, config: TrainConfig, tokenizer: Any, records: dict, model_dir: Path) -> tuple:
+        return load_examples(config, tokenizer, records)
+
+    def objective(self, config: TrainConfig) -> Callable:
+        from edgetune.train.loss import causal_lm_loss
+
+        return causal_lm_loss
+
+
+def train(config: TrainConfig, on_step: Callable[[int], None] | None = None,
+          task: Supervised | None = None) -> Any:
     """Run `config` to completion (or interruption) and return the loop's Summary.
 
     Every setting and file is checked before anything is written or a model loads. The run folder is
@@ -54,9 +77,10 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None) -> 
     """
     with stop_on_signals():
         run_dir = Path(config.output).expanduser()
+        task = task or Supervised()
         if config.resume:
-            return _resume(config, run_dir, on_step)
-        return _fresh(config, run_dir, on_step)
+            return _resume(config, run_dir, on_step, task)
+        return _fresh(config, run_dir, on_step, task)
 
 
 def _lock(run_dir: Path):
@@ -70,9 +94,9 @@ def _check_output(config: TrainConfig, run_dir: Path) -> None:
                             "or --resume to continue it")
 
 
-def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any:
+def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None, task: Supervised) -> Any:
     _check_output(config, run_dir)
-    setup = prepare(config, run_dir)  # a bad flag, file or model fails here, before any write
+    setup = prepare(config, run_dir, task)  # a bad flag, file or model fails here, before any write
     model = load_model(setup)  # only now, with everything read and loaded, is a folder made
     with folders.disk_errors(run_dir.parent):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,14 +111,14 @@ def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any:
         return _run(setup, model, run_dir, None, on_step)
 
 
-def _resume(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any:
+def _resume(config: TrainConfig, run_dir: Path, on_step: Callable | None, task: Supervised) -> Any:
     from edgetune.train.checkpoint import completed, step_of
 
     if not (run_dir / RUN_CONFIG).is_file():
         raise EdgetuneError(f"--resume: {run_dir} is not an edgetune run (no {RUN_CONFIG})")
     with _lock(run_dir):
         config, changes = resumed_config(config, run_dir)
-        setup = prepare(config, run_dir)
+        setup = prepare(config, run_dir, task)
         model = load_model(setup)
         for folder in (run_dir, run_dir / "checkpoints"):  # what an interrupted process left
             folders.remove_leftovers(folder)
@@ -111,7 +135,7 @@ def _resume(config: TrainConfig, run_dir: Path, on_step: Callable | None) -> Any
         return _run(setup, model, run_dir, start, on_step)
 
 
-def prepare(config: TrainConfig, run_dir: Path) -> Setup:
+def prepare(config: TrainConfig, run_dir: Path, task: Supervised | None = None) -> Setup:
     """Check the data, device and model and tokenize; loads no weights and writes no run file."""
     import torch
 
@@ -119,7 +143,8 @@ def prepare(config: TrainConfig, run_dir: Path) -> Setup:
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    records = read_records(config)  # cheap checks first: a bad file fails before the model resolves
+    task = task or Supervised()
+    records = task.read_records(config)  # cheap checks first: a bad file fails before the model resolves
     if config.template and not config.resume:
         templates.resolve(config.template)
     device = model_lib.pick_device(config.device)
@@ -130,10 +155,11 @@ def prepare(config: TrainConfig, run_dir: Path) -> Setup:
         config = apply_plan(config, model_dir, device, dtype)
     tokenizer = _tokenizer(model_dir)
     config, template = _chat_template(config, tokenizer, records, run_dir)
-    train_set, eval_set = load_examples(config, tokenizer, records)
+    train_set, eval_set = task.examples(config, tokenizer, records, model_dir)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    return Setup(config, model_dir, device, dtype, tokenizer, train_set, eval_set, total, template)
+    return Setup(config, model_dir, device, dtype, tokenizer, train_set, eval_set, total, template,
+                 task)
 
 
 def load_model(setup: Setup) -> Any:
@@ -168,7 +194,8 @@ def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
     scheduler = cosine_schedule(optimizer, int(config.warmup * total), total)
     batches = Batches(setup.train_set, config.batch_size, config.seed, _pad_id(setup.tokenizer))
     guard = MemoryGuard(parse_size(config.ram)) if config.ram else None
-    loop = Loop(model, optimizer, scheduler, batches, setup.eval_set, run_dir, config, total, guard)
+    loop = Loop(model, optimizer, scheduler, batches, setup.eval_set, run_dir, config, total, guard,
+                setup.task.objective(config))
     if start is not None:
         loop.restore(start)
     with lean_heap(config.grad_checkpointing) as release:  # the memory-first setting: see lean_heap

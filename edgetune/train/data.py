@@ -6,7 +6,7 @@ loss; text records carry loss on every token.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgetune.constants import IGNORE
@@ -20,6 +20,9 @@ SEGMENTS = "segment_bounds"  # packed batches: example boundaries (0, end_1, ...
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # Distillation: the teacher's (top-k ids, top-k log-probs), numpy arrays [response tokens, k],
+    # one row per label in labels[1:] (edgetune.distill).
+    teacher: tuple | None = field(default=None, compare=False, repr=False)
 
 
 def render_ids(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> list[int]:
@@ -160,7 +163,19 @@ def collate(examples: list[Example], pad_id: int) -> dict:
         ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, **_teacher(examples)}
+
+
+def _teacher(examples: list[Example]) -> dict:
+    """The examples' teacher top-k stacked in the order the loss takes response tokens (example by
+    example, left to right), when they carry one."""
+    if examples[0].teacher is None:
+        return {}
+    import numpy as np
+    import torch
+
+    return {"top_ids": torch.from_numpy(np.concatenate([e.teacher[0] for e in examples])),
+            "top_logprobs": torch.from_numpy(np.concatenate([e.teacher[1] for e in examples]))}
 
 
 def pack(examples: list[Example]) -> dict:
@@ -181,7 +196,7 @@ def pack(examples: list[Example]) -> dict:
         positions += range(len(e.input_ids))
         bounds.append(bounds[-1] + len(e.input_ids))
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]), SEGMENTS: tuple(bounds)}
+            "position_ids": torch.tensor([positions]), SEGMENTS: tuple(bounds), **_teacher(examples)}
 
 
 def n_tokens(batch: dict) -> int:

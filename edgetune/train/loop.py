@@ -36,7 +36,8 @@ class Loop:
 
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, batches: Batches,
                  eval_examples: list[Example], run_dir: Path, config: Any, total_steps: int,
-                 guard: MemoryGuard | None):
+                 guard: MemoryGuard | None, objective: Callable = causal_lm_loss):
+        self.objective = objective  # (model, batch) -> (sum of token losses, tokens)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.batches, self.eval_examples, self.run_dir = batches, eval_examples, run_dir
         self.config, self.total_steps, self.guard = config, total_steps, guard
@@ -62,7 +63,7 @@ class Loop:
         total = 0.0
         self.model.train()
         for batch in micro:
-            loss_sum, _ = causal_lm_loss(self.model, batch)
+            loss_sum, _ = self.objective(self.model, batch)
             (loss_sum / n_labels).backward()
             total += loss_sum.item()
         return total / n_labels, sum(n_tokens(b) for b in micro)

@@ -70,14 +70,18 @@ def _online_softmax(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, rows
                     want_grad: bool, cap: float | None = None) -> tuple:
     """(logsumexp, target logit, softmax @ weight, target slope) of logits h @ weight.T (soft-capped
     at `cap`), `rows` vocab rows at a time. With a cap, softmax @ weight is weighted by each logit's
-    slope and the target's slope is returned (else None)."""
+    slope and the target's slope is returned (else None).
+
+    `t` holds one target per token ([n]) or several ([n, m], distillation's top-k); the target logits
+    and slopes come back in its shape.
+    """
     n = len(h)
     running_max = torch.full((n,), -torch.inf, dtype=torch.float32, device=h.device)
     running_sum = torch.zeros(n, dtype=torch.float32, device=h.device)
-    target_logit = torch.empty(n, dtype=torch.float32, device=h.device)
+    target_logit = torch.empty(t.shape, dtype=torch.float32, device=h.device)
     acc = torch.zeros_like(h) if want_grad else None
-    target_slope = torch.empty(n, dtype=torch.float32, device=h.device) if cap else None
-    index = torch.arange(n, device=h.device)
+    target_slope = torch.empty(t.shape, dtype=torch.float32, device=h.device) if cap else None
+    index = torch.arange(n, device=h.device).view(-1, *([1] * (t.dim() - 1))).expand_as(t)
     for first in range(0, weight.shape[0], rows):
         w = weight[first:first + rows].to(h.dtype)  # a view when already in the compute dtype
         logits = (h @ w.T).float()

@@ -62,7 +62,8 @@ def resumed_config(config: TrainConfig, run_dir: Path) -> tuple[TrainConfig, lis
     Raises when a given setting may not change in a resumed run.
     """
     saved = read_recorded(run_dir)
-    known = {f.name for f in dataclasses.fields(TrainConfig) if not f.metadata.get("given")}
+    kind = type(config)  # TrainConfig, or a verb's settings built on it (edgetune distill)
+    known = {f.name for f in dataclasses.fields(kind) if not f.metadata.get("given")}
     unknown = sorted(set(saved) - known)
     if unknown:
         raise EdgetuneError(f"--resume: {run_dir / RUN_CONFIG} has unknown setting {unknown[0]!r}")
@@ -80,7 +81,7 @@ def resumed_config(config: TrainConfig, run_dir: Path) -> tuple[TrainConfig, lis
         values[name] = new
         changes.append(f"{flag} {old} -> {new}")
     try:
-        return TrainConfig(**values), changes
+        return kind(**values), changes
     except TypeError as exc:
         raise EdgetuneError(f"--resume: {run_dir / RUN_CONFIG} is not a run's settings ({exc})") from None
 
