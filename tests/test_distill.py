@@ -191,6 +191,7 @@ def test_bad_input_is_one_line(tiny_model, teacher_gguf, prompts, tmp_path, caps
         fails("--top-k", "5000")
     assert "record 1: its prompt is" in fails("--seq-len", "8")
     assert "a folder: the teacher runs in llama.cpp" in fails("--teacher", str(tiny_model))
+    assert "needs about 66.2 MiB in llama.cpp, more than --ram 32mb" in fails("--ram", "32mb")
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
@@ -205,3 +206,15 @@ def test_prompt_records_are_accepted_only_for_distill(tmp_path):
     system = write_jsonl(tmp_path / "s.jsonl", [{"messages": [{"role": "system", "content": "x"}]}])
     with pytest.raises(EdgetuneError, match="does not end in a user turn"):
         read_jsonl(system, prompts=True)
+
+
+def test_teacher_memory_terms(teacher_gguf):
+    from edgetune.plan.teacher import teacher_memory
+    from edgetune.shape import shape_from_gguf
+
+    memory = teacher_memory(shape_from_gguf(teacher_gguf), 1000, ctx=54)
+    assert memory.weights == 1000
+    assert memory.kv_cache == 2 * 2 * 32 * 2 * 54  # K and V, 2 layers, 2 heads of 16, f16
+    assert memory.logits == 54 * 300 * 4  # every position's fp32 logits over 300 tokens
+    assert memory.overhead == 64 * 2**20 + 512 * (300 + 4 * 64 + 2 * 128) * 4
+    assert memory.total == 1000 + 13824 + 64800 + memory.overhead

@@ -9,6 +9,7 @@ so a second run, or a resumed one, finds them without loading the teacher.
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,10 +78,20 @@ class Distill(Supervised):
 
     def _teacher(self, config: DistillConfig) -> Any:
         from edgetune.export.llama import load_llama
+        from edgetune.plan.teacher import teacher_memory
+        from edgetune.shape import shape_from_gguf
+        from edgetune.units import format_size, parse_size
 
         if self.llm is None:
-            print(f"edgetune: loading the teacher {self.teacher.name} in llama.cpp", flush=True)
-            self.llm = load_llama(self.teacher, n_ctx=config.seq_len + config.max_new_tokens)
+            ctx = config.seq_len + config.max_new_tokens
+            memory = teacher_memory(shape_from_gguf(self.teacher), self.teacher.stat().st_size, ctx)
+            if config.ram and memory.total > parse_size(config.ram):
+                raise EdgetuneError(f"the teacher {self.teacher.name} needs about "
+                                    f"{format_size(memory.total)} in llama.cpp, more than --ram "
+                                    f"{config.ram}; pass a smaller GGUF (q4_k_m) or a lower --seq-len")
+            print(f"edgetune: loading the teacher {self.teacher.name} in llama.cpp: "
+                  f"{memory.describe()}, released before the student loads", flush=True)
+            self.llm = load_llama(self.teacher, n_ctx=ctx)
         return self.llm
 
     def _complete(self, path: str, fmt: str, rows: list[dict], prompts: list, config: DistillConfig,
@@ -100,18 +111,22 @@ class Distill(Supervised):
         if found is None:
             llm = self._teacher(config)
             stops = list(dict.fromkeys(stop_ids(tokenizer) + [llm.token_eos()]))
+            started = time.perf_counter()
             answers = respond(llm, [prompts[i] for i in missing], stops, sampling, config.progress)
+            seconds = round(time.perf_counter() - started, 2)
+            print(f"edgetune: the teacher wrote {len(missing)} responses in {seconds:.1f} s", flush=True)
             done = list(rows)
             for i, ids in zip(missing, answers):
                 done[i] = with_answer(rows[i], fmt, tokenizer.decode(ids, skip_special_tokens=True))
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done)
             meta = {"teacher": str(self.teacher), "data": str(path), "written": len(missing),
-                    "sampling": sampling}
+                    "sampling": sampling, "seconds": seconds}
             cache.write(root, name, ".jsonl", text.encode(), meta)
             found = cache.read(root, name, ".jsonl")
         else:
             print(f"edgetune: the teacher's responses to {path} come from the cache", flush=True)
-        self.done.setdefault("responses", {})[str(path)] = str(root / f"{name}.jsonl")
+        self.done.setdefault("responses", {})[str(path)] = {"entry": str(root / f"{name}.jsonl"),
+                                                           "seconds": found[1].get("seconds")}
         return fmt, [json.loads(line) for line in found[0].decode().splitlines()]
 
     def _with_top_k(self, examples: list, config: DistillConfig) -> list:
@@ -149,7 +164,7 @@ class Distill(Supervised):
         if config.data in responses:
             tmp = run_dir / f".{RESPONSES}.tmp"
             with folders.disk_errors(run_dir, cleanup=[tmp]):
-                shutil.copyfile(responses[config.data], tmp)
+                shutil.copyfile(responses[config.data]["entry"], tmp)
                 tmp.replace(run_dir / RESPONSES)
         record = {"teacher": str(self.teacher), "mode": config.mode, "top_k": config.top_k,
                   "loss": config.kd_loss, "ce_weight": config.ce_weight,
