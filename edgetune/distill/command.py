@@ -36,6 +36,8 @@ def main(config: DistillConfig) -> int:
 class Distill(Supervised):
     """Records whose answers may be missing, examples the teacher completed, and the KD loss."""
 
+    verb = "distill"
+
     def __init__(self) -> None:
         self.llm: Any = None
         self.teacher: Path | None = None

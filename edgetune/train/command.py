@@ -23,9 +23,8 @@ from edgetune.units import parse_size
 def main(config: TrainConfig, task: "Supervised | None" = None) -> int:
     summary = train(config, task=task)
     if summary.interrupted:
-        verb = "distill" if task is not None and type(task) is not Supervised else "train"
         say(f"interrupted at step {summary.steps}; checkpoint written. "
-            f"Continue with: edgetune {verb} --resume --output {config.output}")
+            f"Continue with: edgetune {(task or Supervised()).verb} --resume --output {config.output}")
         return summary.exit_status
     if summary.stopped_for_memory:
         return 3
@@ -55,6 +54,8 @@ class Supervised:
     task whose examples carry a teacher's top-k and whose loss is a distillation loss, and so trains
     through this same loop.
     """
+
+    verb = "train"  # the command that runs it, for the resume hint
 
     def read_records(self, config: TrainConfig) -> dict:
         return read_records(config)
