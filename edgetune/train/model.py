@@ -62,8 +62,8 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
     config = AutoConfig.from_pretrained(model_dir)
     file_dtype = getattr(config, "dtype", None) or dtype
     # A quantized base is read in the file's own dtype: converting a bf16 file to fp32 first leaves the
-    # converted copies in the heap (docs/qlora.md).
-    load_dtype = file_dtype if quant == "nf4" else dtype
+    # converted copies in the heap (docs/qlora.md), and the embeddings stay as narrow as the file.
+    load_dtype = dtype if quant == "none" else file_dtype
     with released_promptly():
         try:
             model = _from_pretrained(model_dir, config, load_dtype, device,
@@ -82,16 +82,24 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
             param.requires_grad_(False)
         if quant == "nf4":
             keep_4bit_layout_trainable(model)
-            if device == "cpu":
-                from edgetune.train.fourbit import use_workspace
-
-                use_workspace(model)
+        if quant != "none" and device == "cpu":
+            _use_workspace(model, quant)
         if quant != "none":
             narrow = file_dtype.itemsize < dtype.itemsize and device == "cpu"
             if narrow:
                 narrow_embeddings(model, dtype)
             to_compute_dtype(model, dtype, keep_embeddings=narrow)
     return model
+
+
+def _use_workspace(model: Any, quant: str) -> None:
+    """Quantized layers on the CPU widen their weights into one shared buffer (train/fourbit.py,
+    train/eightbit.py)."""
+    if quant == "nf4":
+        from edgetune.train.fourbit import use_workspace
+    else:
+        from edgetune.train.eightbit import use_workspace
+    use_workspace(model)
 
 
 def _from_pretrained(model_dir: Path, config: Any, dtype: Any, device: str, quantization: Any,
