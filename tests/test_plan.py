@@ -1,6 +1,7 @@
 """The planner's shapes, memory terms and search: exact numbers where exact numbers exist."""
 
 import json
+import math
 
 import pytest
 from conftest import ARCH_CONFIGS
@@ -11,6 +12,7 @@ from edgetune.plan import memory, search
 from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
 from edgetune.plan.memory import Setting, breakdown
 from edgetune.shape import shape_from_config, shape_from_gguf, shape_from_model_dir
+from edgetune.units import format_size
 
 # Parameter counts the model cards and safetensors indexes state.
 KNOWN_PARAMS = {
@@ -135,7 +137,10 @@ def test_activations_checkpointing_and_attention_terms():
     layer = memory.layer_activation_bytes(SHAPE, plain)
     # SDPA's flash kernel keeps no seq x seq matrix: per-token bytes do not grow with seq_len.
     assert layer == memory.layer_activation_bytes(SHAPE, Setting(seq_len=4096, dtype="bf16"))
-    assert "quantized inputs" in memory.layer_activation_bytes(SHAPE, Setting(quant="nf4"))
+    # bitsandbytes' GPU layers keep their own input; the trainer's CPU 4/8-bit matmuls keep none.
+    assert "quantized inputs" in memory.layer_activation_bytes(SHAPE, Setting(quant="nf4", device="cuda"))
+    for quant in ("nf4", "int8"):
+        assert "quantized inputs" not in memory.layer_activation_bytes(SHAPE, Setting(quant=quant))
     # In fp32 bitsandbytes and the adapter save the very same input tensor.
     fp32 = memory.layer_activation_bytes(SHAPE, Setting(quant="nf4", dtype="fp32"))
     assert fp32 == memory.layer_activation_bytes(SHAPE, Setting(dtype="fp32"))
@@ -224,7 +229,7 @@ def test_runtime_margin_and_load_peak():
     b = breakdown(SHAPE, Setting(dtype="bf16"))
     assert b.terms["runtime"] == memory.RUNTIME_BYTES
     assert breakdown(SHAPE, Setting(quant="nf4")).terms["runtime"] > memory.RUNTIME_BYTES
-    assert b.total == int(b.train_peak * (1 + memory.SAFETY_MARGIN))
+    assert b.total == int(b.peak * (1 + memory.SAFETY_MARGIN))
     # A bf16 checkpoint loaded as nf4 is read a tensor at a time: the quantized weights and the
     # linear weights in flight, not the whole file beside them.
     nf4 = breakdown(SHAPE, Setting(quant="nf4", dtype="bf16"))
@@ -258,9 +263,28 @@ def test_nothing_fits_names_the_budget_and_the_fix():
         search.choose(shape, 2 * 2**30, seq_len=512, dtype="bf16")
     message = str(info.value)
     least = search.smallest(shape, seq_len=512, dtype="bf16")
-    assert message.startswith("--ram 2.00GiB is too small for qwen2.5-7b: needs")
-    assert f"{least.memory.total / 2**30:.2f} GiB" in message and "nf4, rank 4, batch 1" in message
+    assert message.startswith("--ram 2.00gb is too small: qwen2.5-7b needs --ram")
+    needs = math.ceil(least.memory.total / 2**30 * 100) / 100  # rounded up: that budget fits
+    assert f"needs --ram {needs:.2f}gb with nf4, rank 4, batch 1" in message
     assert "checkpointing" in message and "smaller model" in message
+    assert search.smallest(shape, seq_len=512, dtype="bf16").memory.total <= needs * 2**30
+
+
+def test_budget_below_the_runtime_names_it_and_the_least_that_fits():
+    with pytest.raises(EdgetuneError) as info:
+        search.choose(SHAPE, 300 * 2**20, seq_len=512, dtype="bf16")
+    message = str(info.value)
+    assert message.startswith("--ram 300mb is less than the trainer's runtime alone (450.0 MiB")
+    assert "qwen2.5-0.5b needs --ram 1." in message
+
+
+def test_sequence_longer_than_the_model_holds_is_refused(tiny_model):
+    shape = shape_from_model_dir(tiny_model)
+    assert shape.max_positions == 256
+    search.choose(shape, 8 * 2**30, seq_len=256, dtype="fp32")
+    with pytest.raises(EdgetuneError, match=r"--seq-len 257 is longer than llama holds "
+                                            r"\(max_position_embeddings 256\): use --seq-len 256 or less"):
+        search.choose(shape, 8 * 2**30, seq_len=257, dtype="fp32")
 
 
 def test_too_small_suggests_a_shorter_sequence_when_that_fits():
@@ -295,10 +319,26 @@ def test_every_catalogue_model_fits_somewhere():
         assert json.dumps(plan.memory.terms)  # plain ints, serialisable
 
 
-def test_suggestion_for_the_memory_guard():
-    line = search.suggestion(SHAPE, 3 * 2**30, seq_len=256, target_batch=8, dtype="bf16")
-    assert line.startswith("`edgetune plan` suggests") and "--quant" in line
-    assert "too small" in search.suggestion(SHAPE, 2**28, seq_len=256, target_batch=8)
+def test_guard_suggestion_scales_predictions_by_the_measurement_and_differs_from_the_run():
+    budget = 3 * 2**30
+    chosen = search.choose(SHAPE, budget, seq_len=256, target_batch=8, dtype="bf16")
+    predicted = chosen.memory.peak
+    line = search.suggestion(SHAPE, budget, ran=chosen.setting, measured_peak=int(1.3 * predicted),
+                             target_batch=8)
+    assert line.startswith(f"the planner predicted {format_size(predicted)} for these settings; "
+                           f"measured {format_size(int(1.3 * predicted))} (1.30x)")
+    assert "scaled by 1.30, `edgetune plan` suggests" in line and chosen.describe() not in line
+    suggested = next(p for p in search.candidates(SHAPE, seq_len=256, target_batch=8, dtype="bf16")
+                     if line.endswith(" ".join(p.train_flags())))
+    assert suggested.memory.total * 1.3 <= budget
+    # The same settings with a measurement at or under the prediction: the next best unscaled.
+    under = search.suggestion(SHAPE, budget, ran=chosen.setting, measured_peak=predicted // 2,
+                              target_batch=8)
+    assert "(0.50x); with predictions, `edgetune plan` suggests" in under
+    assert chosen.describe() not in under
+    nothing = search.suggestion(SHAPE, 2**28, ran=chosen.setting, measured_peak=2 * predicted,
+                                target_batch=8)
+    assert "nothing else fits --ram 256.0 MiB" in nothing
 
 
 def test_checkpointed_activations_leave_a_heap_residue_only_below_the_lean_threshold():
@@ -310,14 +350,15 @@ def test_checkpointed_activations_leave_a_heap_residue_only_below_the_lean_thres
 
 
 def test_layers_on_peft_forward_keep_the_larger_heap_factor():
-    """bf16 compute (fp32 adapters), int8 and 4-bit on a GPU run PEFT's forward, not the fused one."""
+    """bf16 compute (fp32 adapters) and 4/8-bit on a GPU run PEFT's forward, not the fused one;
+    4/8-bit layers on the CPU fuse."""
     per_layer = {}
     for setting in (Setting(dtype="fp32"), Setting(dtype="bf16"), Setting(dtype="fp32", quant="int8"),
                     Setting(dtype="fp32", quant="nf4"), Setting(dtype="fp32", quant="nf4", device="cuda")):
         saved = sum(memory.layer_activation_bytes(SHAPE, setting).values())
         per_layer[setting] = memory.activation_bytes(SHAPE, setting) / (setting.tokens * SHAPE.layers * saved)
     assert [round(f, 3) for f in per_layer.values()] == [memory.HEAP_FACTOR, memory.PEFT_HEAP_FACTOR,
-                                                         memory.PEFT_HEAP_FACTOR, memory.HEAP_FACTOR,
+                                                         memory.HEAP_FACTOR, memory.HEAP_FACTOR,
                                                          memory.PEFT_HEAP_FACTOR]
     assert memory.HEAP_FACTOR < memory.PEFT_HEAP_FACTOR
 

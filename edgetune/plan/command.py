@@ -32,7 +32,7 @@ def main(config: PlanConfig) -> int:
         return _catalogue(config, gflops)
     shape, model_dir = load_shape(config.model)
     lengths = measure(config.data, model_dir) if config.data else None
-    seq_len = config.seq_len or (choose_seq_len(lengths) if lengths else DEFAULT_SEQ_LEN)
+    seq_len = config.seq_len or _default_seq_len(shape, lengths)
     kwargs = _search_kwargs(config, seq_len)
     fits = search.ranked(shape, config.budget_bytes, **kwargs)
     if not fits:
@@ -62,6 +62,12 @@ def load_shape(model: str) -> tuple[ModelShape, Path | None]:
         return catalogue_shape(model), None
     raise EdgetuneError(f"model {model} is neither a folder, a .gguf file nor a catalogue name "
                         f"({', '.join(CATALOGUE)})")
+
+
+def _default_seq_len(shape: ModelShape, lengths: Lengths | None) -> int:
+    """From the data when given, else DEFAULT_SEQ_LEN; never more than the model holds."""
+    seq_len = choose_seq_len(lengths) if lengths else DEFAULT_SEQ_LEN
+    return min(seq_len, shape.max_positions or seq_len)
 
 
 def compute_dtype(config: PlanConfig) -> str:
@@ -136,8 +142,14 @@ def render(config: PlanConfig, shape: ModelShape, plan: search.Plan, alternative
     if target is not None:
         lines.append(f"on {config.target}: {target.summary()}")
     lines.append(f"train with: edgetune train --model {_train_ref(config.model)} "
-                 f"{' '.join(plan.train_flags())}")
+                 f"{' '.join(plan.train_flags())}{_guard_flag(config)}")
     return "\n".join(lines)
+
+
+def _guard_flag(config: PlanConfig) -> str:
+    """The trainer's --ram, so that its memory guard watches the budget this plan was made for
+    (the guard reads host memory: none for a --vram plan)."""
+    return f" --ram {config.ram}" if config.device == "cpu" else ""
 
 
 def _train_ref(model: str) -> str:

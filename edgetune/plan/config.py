@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from edgetune.config import option
+from edgetune.constants import BATCH_SIZE, GRAD_ACCUM
 from edgetune.errors import EdgetuneError
 from edgetune.units import parse_size
 
@@ -21,7 +22,8 @@ class PlanConfig:
     seq_len: int | None = option(None, "sequence length in tokens (default: from --data, else 512)")
     data: str | None = option(None, "training JSONL: measure its token lengths to choose --seq-len "
                               "and estimate steps and time")
-    batch: int = option(16, "effective batch (micro-batch x gradient accumulation) to reach")
+    batch: int = option(BATCH_SIZE * GRAD_ACCUM, "effective batch (micro-batch x gradient "
+                        "accumulation) to reach; the default is `edgetune train`'s")
     epochs: float = option(1.0, "passes over --data, for the time estimate")
     rank: int | None = option(None, "fix the LoRA rank instead of searching 64, 32, 16, 8, 4")
     dtype: str = option("auto", "compute dtype; auto: bf16 where the CPU or GPU has it, else fp32",

@@ -78,10 +78,10 @@ class Setting:
 class Breakdown:
     """Named byte counts of a training step, and the loading peak.
 
-    `peak` is the predicted peak RSS (what `ru_maxrss` will report). `total` is what must fit the
-    budget: the training step plus the safety margin. Loading may peak higher in RSS, but only by
-    the mapped checkpoint's clean file pages, which the kernel drops under memory pressure instead
-    of failing, so a checkpoint larger than the budget still loads.
+    `peak` is the predicted peak RSS (what `ru_maxrss` and the trainer's memory guard will read).
+    `total` is what must fit the budget: that peak plus the safety margin. Loading peaks above the
+    training step only while a converted base has tensors in flight; a checkpoint used in place is
+    the weights themselves.
     """
 
     terms: dict[str, int] = field(default_factory=dict)
@@ -98,7 +98,7 @@ class Breakdown:
 
     @property
     def total(self) -> int:
-        return int(self.train_peak * (1 + self.margin))
+        return int(self.peak * (1 + self.margin))
 
 
 def compute_bytes(dtype: str) -> int:
@@ -178,9 +178,10 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
     }
     if shape.qk_norm:  # each head's query and key normalised: fp32 inputs and their 1/rms
         terms["attention"] += 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads)
-    if setting.quant != "none" and not share:
-        # bitsandbytes keeps its own compute-dtype input beside the adapter's fp32 copy; in fp32
-        # the two are one tensor (measured: the same saved bytes with and without nf4).
+    if setting.quant != "none" and not share and setting.device != "cpu":
+        # bitsandbytes' GPU layers keep their own compute-dtype input beside the adapter's fp32
+        # copy; in fp32 the two are one tensor (measured: the same saved bytes with and without
+        # nf4). On the CPU the trainer's 4/8-bit matmuls keep nothing (edgetune.train.fourbit).
         terms["quantized inputs"] = c * (2 * h + q + i)
     return terms
 
@@ -210,9 +211,9 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> int:
 
 def fused_lora(setting: Setting) -> bool:
     """Whether the trainer's fused LoRA layers run (edgetune.train.lora): adapters in the compute
-    dtype (fp32; bf16 compute keeps fp32 adapters) over a dense or CPU 4-bit base, not int8."""
-    dense_base = setting.quant == "none" or (setting.quant == "nf4" and setting.device == "cpu")
-    return setting.dtype == "fp32" and dense_base
+    dtype (fp32; bf16 compute keeps fp32 adapters) over a dense base, or a 4/8-bit one on the CPU
+    (widened into the shared buffer); bitsandbytes' own layers on a GPU keep PEFT's forward."""
+    return setting.dtype == "fp32" and (setting.quant == "none" or setting.device == "cpu")
 
 
 def backward_work_bytes(shape: ModelShape, setting: Setting) -> int:
@@ -244,13 +245,14 @@ def loss_bytes(shape: ModelShape, setting: Setting) -> int:
 def temporary_bytes(shape: ModelShape, setting: Setting) -> int:
     """Dequantized weights during a 4/8-bit matmul, in the compute dtype.
 
-    On the CPU, 4-bit layers dequantize into one buffer they share, a block of rows at a time
-    (edgetune.train.fourbit); elsewhere bitsandbytes makes new copies of the largest weight.
+    On the CPU, 4/8-bit layers widen into one buffer they share, a block of rows at a time
+    (edgetune.train.fourbit, edgetune.train.eightbit); elsewhere bitsandbytes makes new copies of
+    the largest weight.
     """
     if setting.quant == "none":
         return 0
     largest = max(a * b for a, b in shape.linears())
-    if setting.quant == "nf4" and setting.device == "cpu":
+    if setting.device == "cpu":
         return min(largest, DEQUANT_BUFFER_ELEMENTS) * compute_bytes(setting.dtype)
     return DEQUANT_COPIES * largest * compute_bytes(setting.dtype)
 

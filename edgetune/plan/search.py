@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from edgetune.errors import EdgetuneError
-from edgetune.plan.memory import OPTIMS, QUANTS, Breakdown, Setting, breakdown
+from edgetune.plan.memory import OPTIMS, QUANTS, RUNTIME_BYTES, Breakdown, Setting, breakdown
 from edgetune.shape import ModelShape
 from edgetune.units import format_size
 
@@ -31,6 +31,12 @@ class Plan:
     dtype: str  # compute dtype: "bf16" or "fp32"
     seq_len: int
     memory: Breakdown
+    device: str = "cpu"
+
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.quant, self.rank, self.batch_size, self.seq_len, self.grad_checkpointing,
+                       self.optim, self.dtype, device=self.device)
 
     def describe(self) -> str:
         base = self.dtype if self.quant == "none" else self.quant
@@ -55,6 +61,7 @@ def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_b
                dtype: str = "bf16", quants: tuple[str, ...] = QUANTS,
                ranks: tuple[int, ...] = RANKS, optims: tuple[str, ...] = OPTIMS) -> list[Plan]:
     """Every setting of the search space, most preferred first, each with its breakdown."""
+    check_seq_len(shape, seq_len)
     plans = []
     for quant in quants:
         for optim in optims:
@@ -65,7 +72,7 @@ def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_b
                                           grad_checkpointing=ckpt, optim=optim, dtype=dtype,
                                           device=device)
                         plans.append(Plan(quant, rank, batch, math.ceil(target_batch / batch), ckpt,
-                                          optim, dtype, seq_len, breakdown(shape, setting)))
+                                          optim, dtype, seq_len, breakdown(shape, setting), device))
     plans.sort(key=_preference)
     return plans
 
@@ -75,9 +82,18 @@ def _preference(plan: Plan) -> tuple:
             plan.grad_checkpointing, -plan.batch_size)
 
 
-def ranked(shape: ModelShape, budget_bytes: int, **kwargs) -> list[Plan]:
-    """The settings that fit `budget_bytes` (peak plus safety margin), most preferred first."""
-    return [p for p in candidates(shape, **kwargs) if p.memory.total <= budget_bytes]
+def check_seq_len(shape: ModelShape, seq_len: int) -> None:
+    """A sequence longer than the model's positions is a user error that names the longest."""
+    if shape.max_positions and seq_len > shape.max_positions:
+        raise EdgetuneError(f"--seq-len {seq_len} is longer than {shape.name} holds "
+                            f"(max_position_embeddings {shape.max_positions}): use --seq-len "
+                            f"{shape.max_positions} or less")
+
+
+def ranked(shape: ModelShape, budget_bytes: int, *, scale: float = 1.0, **kwargs) -> list[Plan]:
+    """The settings that fit `budget_bytes` (peak plus safety margin, times `scale` when a
+    measurement said the model runs that much over), most preferred first."""
+    return [p for p in candidates(shape, **kwargs) if p.memory.total * scale <= budget_bytes]
 
 
 def smallest(shape: ModelShape, **kwargs) -> Plan:
@@ -102,14 +118,25 @@ def too_small_message(shape: ModelShape, budget_bytes: int, *, seq_len: int,
                       budget_flag: str = "--ram", **kwargs) -> str:
     """Why nothing fits: the smallest budget that would work, and what to change."""
     least = smallest(shape, seq_len=seq_len, **kwargs)
+    budget = f"{budget_flag} {_size_flag(budget_bytes)}"
+    needs = (f"{shape.name} needs {budget_flag} {_size_flag(least.memory.total)} with "
+             f"{least.describe()} at --seq-len {seq_len}")
+    runtime = min(RUNTIME_BYTES, least.memory.terms["runtime"])
+    if budget_bytes < runtime:
+        return (f"{budget} is less than the trainer's runtime alone ({format_size(runtime)}: "
+                f"torch, transformers and peft loaded); {needs}")
     hint = "a smaller model"
     for shorter in (seq_len // 2, seq_len // 4, 128, 64):
         if 16 <= shorter < seq_len and smallest(shape, seq_len=shorter, **kwargs).memory.total <= budget_bytes:
             hint = f"--seq-len {shorter} or a smaller model"
             break
-    return (f"{budget_flag} {format_size(budget_bytes).replace(' ', '')} is too small for "
-            f"{shape.name}: needs {format_size(least.memory.total)} with {least.describe()} at "
-            f"--seq-len {seq_len}; try {hint}")
+    return f"{budget} is too small: {needs}; or try {hint}"
+
+
+def _size_flag(n: int) -> str:
+    """A size as a flag value that names at least `n` bytes (rounded up, never down)."""
+    gib = math.ceil(n / 2**30 * 100) / 100
+    return f"{gib:.2f}gb" if gib >= 1 else f"{math.ceil(n / 2**20)}mb"
 
 
 def alternatives(plans: list[Plan], chosen: Plan, n: int = 3) -> list[Plan]:
@@ -126,13 +153,27 @@ def alternatives(plans: list[Plan], chosen: Plan, n: int = 3) -> list[Plan]:
     return out
 
 
-def suggestion(shape: ModelShape, budget_bytes: int, *, seq_len: int, target_batch: int,
-               dtype: str = "bf16", device: str = "cpu") -> str:
-    """One line for the trainer's memory guard: the settings that fit the budget, as train flags."""
-    try:
-        plan = choose(shape, budget_bytes, seq_len=seq_len, device=device,
-                      target_batch=target_batch, dtype=dtype)
-    except EdgetuneError as exc:
-        return str(exc)
-    return (f"`edgetune plan` suggests {plan.describe()} (predicted {format_size(plan.memory.train_peak)}"
-            f"): {' '.join(plan.train_flags())}")
+def suggestion(shape: ModelShape, budget_bytes: int, *, ran: Setting, measured_peak: int,
+               target_batch: int, budget_flag: str = "--ram") -> str:
+    """One line for the trainer's memory guard: how the run's measured peak compares with the
+    planner's prediction for its settings, and the best other settings that fit the budget once
+    every prediction is scaled by that ratio (never below 1)."""
+    predicted = breakdown(shape, ran).peak
+    ratio = measured_peak / predicted
+    why = (f"the planner predicted {format_size(predicted)} for these settings; measured "
+           f"{format_size(measured_peak)} ({ratio:.2f}x)")
+    scale = max(1.0, ratio)
+    question = {"seq_len": ran.seq_len, "device": ran.device, "target_batch": target_batch,
+                "dtype": ran.dtype}
+    key = (ran.quant, ran.rank, ran.batch_size, ran.grad_checkpointing, ran.optim)
+    others = [p for p in ranked(shape, budget_bytes, scale=scale, **question)
+              if (p.quant, p.rank, p.batch_size, p.grad_checkpointing, p.optim) != key]
+    scaled = f" scaled by {scale:.2f}" if scale > 1 else ""
+    if not others:
+        least = smallest(shape, **question)
+        return (f"{why}; with predictions{scaled}, nothing else fits {budget_flag} "
+                f"{format_size(budget_bytes)}: {least.describe()} needs "
+                f"{format_size(least.memory.total * scale)}")
+    plan = others[0]
+    return (f"{why}; with predictions{scaled}, `edgetune plan` suggests {plan.describe()} (predicted "
+            f"{format_size(plan.memory.peak * scale)}): {' '.join(plan.train_flags())}")

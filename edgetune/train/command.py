@@ -153,6 +153,8 @@ def prepare(config: TrainConfig, run_dir: Path, task: Supervised | None = None) 
     model_dir = models.resolve(config.model, config.cache_dir)
     models.check_trainable(model_dir)
     if config.plan == "auto":
+        from edgetune.train.autoplan import apply_plan
+
         config = apply_plan(config, model_dir, device, dtype)
     tokenizer = _tokenizer(model_dir)
     config, template = _chat_template(config, tokenizer, records, run_dir)
@@ -202,10 +204,14 @@ def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
     with lean_heap(config.grad_checkpointing) as release:  # the memory-first setting: see lean_heap
         summary = loop.run(on_step, after_step=release)
     if summary.stopped_for_memory:
+        from edgetune.train.autoplan import memory_suggestion
+
+        why = memory_suggestion(config, setup.model_dir, setup.device, setup.dtype, guard.peak)
         print(f"edgetune: stopped at step {summary.steps} to stay inside --ram {config.ram}: "
-              f"{guard.message}; checkpoint written. "
-              f"{_suggestion(config, setup.model_dir, setup.dtype)}")
+              f"{guard.message}; checkpoint written. {why[0].upper()}{why[1:]}")
     elif not summary.interrupted:
+        if guard is not None and guard.message:
+            print(f"edgetune: warning: on the last step, {guard.message}")
         save_adapter(run_dir, model, setup.tokenizer)
         update(run_dir, title=config.output)
         _report(summary, run_dir)
@@ -260,36 +266,6 @@ def load_examples(config: TrainConfig, tokenizer: Any, records: dict | None = No
     if config.eval_data:
         return examples(config.data), examples(config.eval_data)
     return split(examples(config.data), config.eval_split, config.seed)
-
-
-def _plan_inputs(config: TrainConfig, model_dir: Path, dtype: Any) -> tuple:
-    from edgetune.shape import shape_from_model_dir
-
-    return shape_from_model_dir(model_dir), parse_size(config.ram), str(dtype).endswith("bfloat16")
-
-
-def apply_plan(config: TrainConfig, model_dir: Path, device: str, dtype: Any) -> TrainConfig:
-    """--plan auto: the planner's quantization, rank, batch, checkpointing and optimizer."""
-    from edgetune.plan.search import choose
-
-    shape, budget, bf16 = _plan_inputs(config, model_dir, dtype)
-    plan = choose(shape, budget, seq_len=config.seq_len, device=device,
-                  target_batch=config.batch_size * config.grad_accum,
-                  dtype="bf16" if bf16 else "fp32", budget_flag=f"--ram {config.ram}")
-    print(f"edgetune: --plan auto for --ram {config.ram}: {plan.describe()} "
-          f"(predicted peak {plan.memory.total / 2**30:.2f} GiB)")
-    return dataclasses.replace(config, quant=plan.quant, rank=plan.rank, batch_size=plan.batch_size,
-                               grad_accum=plan.grad_accum, optim=plan.optim,
-                               grad_checkpointing=plan.grad_checkpointing, plan=None)
-
-
-def _suggestion(config: TrainConfig, model_dir: Path, dtype: Any) -> str:
-    from edgetune.plan.search import suggestion
-
-    shape, budget, bf16 = _plan_inputs(config, model_dir, dtype)
-    return suggestion(shape, budget, seq_len=config.seq_len,
-                      target_batch=config.batch_size * config.grad_accum,
-                      dtype="bf16" if bf16 else "fp32", device=config.device.replace("auto", "cpu"))
 
 
 def _report(summary: Any, run_dir: Path) -> None:

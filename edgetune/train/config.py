@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from edgetune.config import given_field, option
+from edgetune.constants import BATCH_SIZE, GRAD_ACCUM
 from edgetune.errors import EdgetuneError
 from edgetune.units import parse_size
 
@@ -27,8 +28,8 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --output from its last checkpoint, with its "
                                  "recorded settings; flags given here change only what they name")
     seq_len: int = option(512, "longest sequence in tokens; longer examples are truncated")
-    batch_size: int = option(4, "examples per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
+    batch_size: int = option(BATCH_SIZE, "examples per micro-batch")
+    grad_accum: int = option(GRAD_ACCUM, "micro-batches per optimizer step")
     steps: int | None = option(None, "optimizer steps (default: --epochs over the data)")
     epochs: float = option(1.0, "passes over the data when --steps is not given")
     lr: float = option(2e-4, "peak learning rate")

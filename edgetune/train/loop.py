@@ -145,7 +145,9 @@ class Loop:
                     elapsed = time.perf_counter() - started
                     tokens, seconds = tokens + n_tokens, seconds + elapsed
                     eval_loss = self._record(last_loss, n_tokens, elapsed, eval_loss, tokens / seconds)
-                    stopped = self.guard is not None and self.guard.should_stop()
+                    # After the last step there is nothing left to stop: the run ends with its adapter.
+                    stopped = (self.guard is not None and self.guard.should_stop()
+                               and self.step < self.total_steps)
                     if not stopped and _due(self.step, self.config.save_every, self.total_steps):
                         self.save_checkpoint()
                 if stopped:
