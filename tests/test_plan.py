@@ -122,7 +122,13 @@ def test_adapter_gradients_and_optimizer_state():
     n = SHAPE.lora_params(16)
     assert n == 16 * SHAPE.layers * (896 * 9 + 128 * 2 + 4864 * 3)  # q k v o gate up down
     terms = breakdown(SHAPE, Setting(rank=16)).terms
-    assert terms["lora"] == terms["lora grads"] == 4 * n
+    assert terms["lora"] == 4 * n
+    # The gradients fill what the backward pass frees of the activations: only the excess counts.
+    assert terms["lora grads"] == 0 < 4 * n < terms["activations"]
+    tight = Setting(rank=64, batch_size=1, seq_len=16, grad_checkpointing=True)
+    freed = (memory.activation_bytes(SHAPE, tight) - memory.recomputed_bytes(SHAPE, tight)
+             + memory.loss_bytes(SHAPE, tight))
+    assert breakdown(SHAPE, tight).terms["lora grads"] == memory.adapter_bytes(SHAPE, 64) - freed > 0
     assert terms["optimizer"] == 8 * n
     eight = memory.optimizer_bytes(SHAPE, 16, "adamw8bit")
     assert 2 * n < eight < 2.07 * n  # uint8 states plus one fp32 scale per 256 values
@@ -315,7 +321,9 @@ def test_every_catalogue_model_fits_somewhere():
         plan = search.smallest(shape, seq_len=256, dtype="bf16")
         # Batch 2 can beat batch 1: at 256 tokens a small model's checkpointed activations stay in
         # the heap (CKPT_RESIDUE), at 512 they are unmapped when freed.
-        assert plan.quant == "nf4" and plan.rank == 4 and plan.batch_size <= 2
+        assert plan.quant == "nf4" and plan.batch_size <= 2 and plan.grad_checkpointing
+        # A higher rank only where loading, not training, sets the peak: then ranks tie.
+        assert plan.rank == 4 or plan.memory.peak == plan.memory.load_peak
         assert json.dumps(plan.memory.terms)  # plain ints, serialisable
 
 

@@ -209,6 +209,28 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> int:
     return int(setting.tokens * shape.layers * per_layer * factor)
 
 
+def recomputed_bytes(shape: ModelShape, setting: Setting) -> int:
+    """With checkpointing, the one layer recomputed at a time: its saved tensors live through the
+    whole backward pass (counted in activation_bytes)."""
+    if not setting.grad_checkpointing:
+        return 0
+    return setting.tokens * sum(layer_activation_bytes(shape, setting).values())
+
+
+def gradient_bytes(shape: ModelShape, setting: Setting) -> int:
+    """LoRA gradients beyond the memory that the backward pass has freed by the time they peak.
+
+    The backward pass runs from the last layer to the first, and each layer frees its saved
+    activations (its checkpoint, with checkpointing) as its adapters' gradients appear; the loss's
+    tensors go first. The gradients are complete at the first layer, when those are gone, so only
+    what they exceed them by adds to the peak (measured: a Qwen2.5-1.5B shape at rank 64 peaks at
+    the end of the backward pass, docs/planner.md).
+    """
+    freed = (activation_bytes(shape, setting) - recomputed_bytes(shape, setting)
+             + loss_bytes(shape, setting))
+    return max(0, adapter_bytes(shape, setting.rank) - freed)
+
+
 def fused_lora(setting: Setting) -> bool:
     """Whether the trainer's fused LoRA layers run (edgetune.train.lora): adapters in the compute
     dtype (fp32; bf16 compute keeps fp32 adapters) over a dense base, or a 4/8-bit one on the CPU
@@ -292,7 +314,7 @@ def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
         "base weights": base,
         "embeddings+norms": kept,
         "lora": adapter,
-        "lora grads": adapter,
+        "lora grads": gradient_bytes(shape, setting),
         "optimizer": optimizer_bytes(shape, setting.rank, setting.optim),
         "activations": activation_bytes(shape, setting),
         "backward": backward_work_bytes(shape, setting),
