@@ -129,6 +129,8 @@ def test_adapter_gradients_and_optimizer_state():
     freed = (memory.activation_bytes(SHAPE, tight) - memory.recomputed_bytes(SHAPE, tight)
              + memory.loss_bytes(SHAPE, tight))
     assert breakdown(SHAPE, tight).terms["lora grads"] == memory.adapter_bytes(SHAPE, 64) - freed > 0
+    # Accumulating, the first micro-batch's gradients stay through the next one's activations.
+    assert breakdown(SHAPE, Setting(rank=16, grad_accum=2)).terms["lora grads"] == 4 * n
     assert terms["optimizer"] == 8 * n
     eight = memory.optimizer_bytes(SHAPE, 16, "adamw8bit")
     assert 2 * n < eight < 2.07 * n  # uint8 states plus one fp32 scale per 256 values

@@ -13,7 +13,7 @@ from edgetune.plan import search, timing
 from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
 from edgetune.plan.config import PlanConfig
 from edgetune.plan.lengths import Lengths, choose_seq_len, measure
-from edgetune.plan.memory import SAFETY_MARGIN, Setting
+from edgetune.plan.memory import SAFETY_MARGIN
 from edgetune.shape import ModelShape, shape_from_gguf, shape_from_model_dir
 from edgetune.tables import columns
 from edgetune.units import format_size
@@ -39,7 +39,7 @@ def main(config: PlanConfig) -> int:
         raise EdgetuneError(search.too_small_message(shape, config.budget_bytes,
                                                      budget_flag=config.budget_flag, **kwargs))
     plan, alternatives = fits[0], search.alternatives(fits, fits[0])
-    speed = timing.tokens_per_second(shape, _setting(plan, config.device), gflops)
+    speed = timing.tokens_per_second(shape, plan.setting, gflops)
     target = _target_fit(config.target, shape, seq_len)
     if config.json:
         print(json.dumps(as_json(config, shape, plan, alternatives, speed, lengths, target), indent=2))
@@ -86,11 +86,6 @@ def _search_kwargs(config: PlanConfig, seq_len: int) -> dict:
     if config.rank is not None:
         kwargs["ranks"] = (config.rank,)
     return kwargs
-
-
-def _setting(plan: search.Plan, device: str) -> Setting:
-    return Setting(plan.quant, plan.rank, plan.batch_size, plan.seq_len, plan.grad_checkpointing,
-                   plan.optim, plan.dtype, device=device)
 
 
 def _target_fit(target: str | None, shape: ModelShape, seq_len: int):
@@ -194,7 +189,7 @@ def _catalogue(config: PlanConfig, gflops: dict | None) -> int:
         fits = search.ranked(shape, config.budget_bytes, **kwargs)
         if fits:
             plan = fits[0]
-            speed = timing.tokens_per_second(shape, _setting(plan, config.device), gflops)
+            speed = timing.tokens_per_second(shape, plan.setting, gflops)
             rows.append((shape.name, f"{shape.params / 1e9:.2f}B", "yes", plan.describe(),
                          format_size(plan.memory.total), f"{speed:,.1f}"))
             records.append({"model": shape.name, "fits": True, "plan": plan.describe(),

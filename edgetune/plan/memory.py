@@ -68,6 +68,7 @@ class Setting:
     dtype: str = "bf16"
     double_quant: bool = True
     device: str = "cpu"
+    grad_accum: int = 1  # micro-batches per optimizer step
 
     @property
     def tokens(self) -> int:
@@ -224,8 +225,11 @@ def gradient_bytes(shape: ModelShape, setting: Setting) -> int:
     activations (its checkpoint, with checkpointing) as its adapters' gradients appear; the loss's
     tensors go first. The gradients are complete at the first layer, when those are gone, so only
     what they exceed them by adds to the peak (measured: a Qwen2.5-1.5B shape at rank 64 peaks at
-    the end of the backward pass, docs/planner.md).
+    the end of the backward pass, docs/planner.md). With gradient accumulation the gradients of the
+    first micro-batch stay through the next ones' activations, and count whole.
     """
+    if setting.grad_accum > 1:
+        return adapter_bytes(shape, setting.rank)
     freed = (activation_bytes(shape, setting) - recomputed_bytes(shape, setting)
              + loss_bytes(shape, setting))
     return max(0, adapter_bytes(shape, setting.rank) - freed)

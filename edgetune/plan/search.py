@@ -36,7 +36,7 @@ class Plan:
     @property
     def setting(self) -> Setting:
         return Setting(self.quant, self.rank, self.batch_size, self.seq_len, self.grad_checkpointing,
-                       self.optim, self.dtype, device=self.device)
+                       self.optim, self.dtype, device=self.device, grad_accum=self.grad_accum)
 
     def describe(self) -> str:
         base = self.dtype if self.quant == "none" else self.quant
@@ -68,11 +68,12 @@ def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_b
             for rank in ranks:
                 for ckpt in (False, True):
                     for batch in _batches(target_batch):
+                        accum = math.ceil(target_batch / batch)
                         setting = Setting(quant=quant, rank=rank, batch_size=batch, seq_len=seq_len,
                                           grad_checkpointing=ckpt, optim=optim, dtype=dtype,
-                                          device=device)
-                        plans.append(Plan(quant, rank, batch, math.ceil(target_batch / batch), ckpt,
-                                          optim, dtype, seq_len, breakdown(shape, setting), device))
+                                          device=device, grad_accum=accum)
+                        plans.append(Plan(quant, rank, batch, accum, ckpt, optim, dtype, seq_len,
+                                          breakdown(shape, setting), device))
     plans.sort(key=_preference)
     return plans
 
@@ -165,9 +166,8 @@ def suggestion(shape: ModelShape, budget_bytes: int, *, ran: Setting, measured_p
     scale = max(1.0, ratio)
     question = {"seq_len": ran.seq_len, "device": ran.device, "target_batch": target_batch,
                 "dtype": ran.dtype}
-    key = (ran.quant, ran.rank, ran.batch_size, ran.grad_checkpointing, ran.optim)
     others = [p for p in ranked(shape, budget_bytes, scale=scale, **question)
-              if (p.quant, p.rank, p.batch_size, p.grad_checkpointing, p.optim) != key]
+              if p.setting != ran]
     scaled = f" scaled by {scale:.2f}" if scale > 1 else ""
     if not others:
         least = smallest(shape, **question)

@@ -29,7 +29,8 @@ def setting_of(config: TrainConfig, device: str, dtype: Any) -> Setting:
     optim = "adamw" if config.optim == "adamw" else "adamw8bit"  # paged or not: the same state
     return Setting(quant=config.quant, rank=config.rank, batch_size=config.batch_size,
                    seq_len=config.seq_len, grad_checkpointing=config.grad_checkpointing, optim=optim,
-                   dtype=_dtype_name(dtype), double_quant=config.double_quant, device=_device(device))
+                   dtype=_dtype_name(dtype), double_quant=config.double_quant, device=_device(device),
+                   grad_accum=config.grad_accum)
 
 
 def plan_command(config: TrainConfig, device: str, dtype: Any) -> str:
