@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import full_length_text, median, run_train, shaped_model  # noqa: E402
 from _common import model_dir as shared_model_dir  # noqa: E402
-from _random_configs import STEPS, Draw, draw, shape_of  # noqa: E402
+from _random_configs import STEPS, Draw, draw, predicted_peak, shape_of  # noqa: E402
 
+from edgetune.models import BUILTIN  # noqa: E402
 from edgetune.plan.memory import Setting, breakdown  # noqa: E402
 from edgetune.plan.timing import cached_gflops, tokens_per_second  # noqa: E402
 from edgetune.shape import shape_from_model_dir  # noqa: E402
@@ -123,7 +124,8 @@ def predict(config: tuple, work: Path, dtype: str) -> tuple[int, float]:
     shape = shape_from_model_dir(model_dir(model, work))
     setting = Setting(quant=quant, rank=rank, batch_size=batch, seq_len=seq,
                       grad_checkpointing=ckpt, optim=optim, dtype=dtype)
-    return breakdown(shape, setting).peak, tokens_per_second(shape, setting, cached_gflops())
+    peak = breakdown(shape, setting).peak if model in BUILTIN else predicted_peak(shape, setting)
+    return peak, tokens_per_second(shape, setting, cached_gflops())
 
 
 def ran_setting(d: Draw, entry: dict) -> Setting:
@@ -160,7 +162,7 @@ def report_random(results: dict) -> None:
     errors, int8_errors, stops, differs = [], [], [], 0
     draws = [Draw(**entry["draw"]) for entry in results.values()]
     for d, entry in zip(draws, results.values()):
-        predicted = breakdown(shape_of(d.model, d.layers), ran_setting(d, entry)).peak
+        predicted = predicted_peak(shape_of(d.model, d.layers), ran_setting(d, entry))
         error = predicted / entry["peak_rss"] - 1
         errors.append(error)
         if ran_setting(d, entry).quant == "int8":

@@ -251,6 +251,17 @@ def test_runtime_margin_and_load_peak():
     # Used in place when nothing converts it: the mapped file is the weights.
     in_place = breakdown(SHAPE, Setting(dtype="bf16"))
     assert in_place.load_peak == in_place.terms["runtime"] + in_place.terms["tokenizer"] + 2 * SHAPE.params
+    # Widened from bf16 to fp32: the embedding is read first, beside no decoder weights yet.
+    wide = breakdown(SHAPE, Setting(dtype="fp32"))
+    runtime = wide.terms["runtime"] + wide.terms["tokenizer"]
+    assert wide.load_peak == runtime + 4 * SHAPE.params + memory.LOAD_IN_FLIGHT * largest * 2
+    # One small decoder layer under a 262k x 640 embedding: the embedding in flight beside its fp32
+    # copy is the loading peak.
+    short = shape_from_config({**CATALOGUE["gemma3-270m"][1], "num_hidden_layers": 1})
+    wide = breakdown(short, Setting(dtype="fp32"))
+    runtime = wide.terms["runtime"] + wide.terms["tokenizer"]
+    assert wide.load_peak == runtime + short.token_embedding_params * (4 + 2)
+    assert wide.load_peak > runtime + 4 * short.params
 
 
 def test_choose_prefers_precision_then_rank_then_speed():
@@ -282,7 +293,7 @@ def test_budget_below_the_runtime_names_it_and_the_least_that_fits():
     with pytest.raises(EdgetuneError) as info:
         search.choose(SHAPE, 300 * 2**20, seq_len=512, dtype="bf16")
     message = str(info.value)
-    assert message.startswith("--ram 300mb is less than the trainer's runtime alone (450.0 MiB")
+    assert message.startswith("--ram 300mb is less than the trainer's runtime alone (404.0 MiB")
     assert "qwen2.5-0.5b needs --ram 1." in message
 
 
