@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import full_length_text, median, run_train, shaped_model  # noqa: E402
 from _common import model_dir as shared_model_dir  # noqa: E402
-from _random_configs import STEPS, Draw, draw, predicted_peak, shape_of  # noqa: E402
+from _random_configs import STEPS, Draw, draw, predicted_peak, seconds, shape_of  # noqa: E402
 
 from edgetune.models import BUILTIN  # noqa: E402
 from edgetune.plan.memory import Setting, breakdown  # noqa: E402
@@ -155,8 +155,9 @@ def summary(errors: list[float], label: str = "") -> str:
             f"{worst:+.1%}, within +-10%: {sum(abs(e) <= 0.10 for e in errors)}")
 
 
-def report_random(results: dict) -> None:
-    """Every saved random row, predicted by the planner as it is now."""
+def report_random(results: dict, fitted: tuple[str, ...] = ()) -> None:
+    """Every saved random row, predicted by the planner as it is now; rows named in `fitted` were
+    used to change the planner and are left out of the check's figures."""
     print(f"\n{'configuration':<56}{'--ram':>9}{'predicted':>11}{'measured':>11}{'error':>8}"
           f"{'guard':>7}{'plan':>7}")
     errors, int8_errors, stops, differs = [], [], [], 0
@@ -164,8 +165,10 @@ def report_random(results: dict) -> None:
     for d, entry in zip(draws, results.values()):
         predicted = predicted_peak(shape_of(d.model, d.layers), ran_setting(d, entry))
         error = predicted / entry["peak_rss"] - 1
-        errors.append(error)
-        if ran_setting(d, entry).quant == "int8":
+        fit = d.key in fitted
+        if not fit:
+            errors.append(error)
+        if ran_setting(d, entry).quant == "int8" and not fit:
             int8_errors.append(error)
         guard = "ok" if all(g == "ok" for g in entry["guard"]) else "STOP"
         if guard != "ok":
@@ -173,10 +176,11 @@ def report_random(results: dict) -> None:
         same = _same_plan(d, entry)
         differs += same == "DIFFERS"
         print(f"{d.key:<56}{d.budget / 2**30:>6.2f} GiB{predicted / 2**30:>8.2f} GiB"
-              f"{entry['peak_rss'] / 2**30:>8.2f} GiB{error:>+8.1%}{guard:>7}{same:>7}")
-    print("\n" + summary(errors))
+              f"{entry['peak_rss'] / 2**30:>8.2f} GiB{error:>+8.1%}{guard:>7}{same:>7}"
+              f"{' (fit)' if fit else ''}")
+    print(f"\ncheck, {len(fitted)} fitted rows left out: " + summary(errors))
     print(summary(int8_errors, "int8 rows: "))
-    print(f"memory guard: {len(stops)} of {len(errors)} runs stopped or warned under the budget the "
+    print(f"memory guard: {len(stops)} of {len(draws)} runs stopped or warned under the budget the "
           f"planner gave them" + "".join(f"\n  {s}" for s in stops))
     autos = sum(d.auto for d in draws)
     print(f"--plan auto: {autos - differs} of {autos} runs chose the settings `edgetune plan` chose")
@@ -221,6 +225,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                         help="compute dtype of the fixed table (fp32 on CPUs without native bf16)")
     parser.add_argument("--report", action="store_true", help="only re-print the saved results")
+    parser.add_argument("--cheapest-first", action="store_true",
+                        help="run the --random draw in order of estimated run time (rows already in "
+                             "--results are never run again)")
+    parser.add_argument("--fitted", action="append", default=[], metavar="CONFIGURATION",
+                        help="a --random row that the planner was fitted on: marked, and left out "
+                             "of the check's figures (repeatable)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -228,9 +238,12 @@ def main() -> None:
     results_file = Path(args.results or Path(tempfile.gettempdir()) / name)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     todo = draw(args.random, args.seed) if args.random else CONFIGS
+    if args.random and args.cheapest_first:
+        todo = sorted(todo, key=lambda d: seconds(shape_of(d.model, d.layers), d.setting(),
+                                                  d.grad_accum))
     for item in [] if args.report else todo:
         label = item.key if args.random else key(item)
-        if args.only not in label:
+        if args.only not in label or (args.random and label in results):
             continue
         results[label] = (measure_draw(item, work, args.repeats) if args.random
                           else measure(item, work, args.dtype, args.repeats))
@@ -238,7 +251,7 @@ def main() -> None:
         print(f"{label}: peak {results[label]['peak_rss'] / 2**30:.2f} GiB, "
               f"guard {results[label]['guard']}", flush=True)
     if args.random:
-        report_random(results)
+        report_random(results, tuple(args.fitted))
     else:
         report(results, work, args.dtype)
 
