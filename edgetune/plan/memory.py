@@ -24,8 +24,9 @@ RUNTIME_BYTES = 404 * MiB
 # The fast tokenizer in memory, per vocabulary entry (tokens and merges): Gemma 3's 262,144 entries
 # measured 322 MiB of RSS once loaded, SmolLM2's 49,152 entries 46 MiB (978 bytes each).
 TOKENIZER_BYTES_PER_ENTRY = 1290
-# bitsandbytes adds its own library and CPU kernels once imported (nf4, int8 or an 8-bit optimizer).
-BNB_RUNTIME_BYTES = 60 * MiB
+# bitsandbytes adds its own library and CPU kernels once imported (nf4, int8 or an 8-bit optimizer):
+# measured with a 4-bit round trip and an 8-bit AdamW step beside the trainer's modules (docs/planner.md).
+BNB_RUNTIME_BYTES = 12 * MiB
 # Share of the budget kept free for what the model does not see (allocator fragmentation, the page
 # cache of the data file, other threads' arenas): the planner fits `peak * (1 + SAFETY_MARGIN)`.
 SAFETY_MARGIN = 0.10
