@@ -9,22 +9,32 @@ def _faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def _between(marks: list) -> list:
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
 def child_edgetune(spec: dict) -> dict:
     from edgetune.train.command import train
     from edgetune.train.config import TrainConfig
 
     s = spec["settings"]
-    faults = []
+    faults, cpu = [], []
+
+    def mark(step: int) -> None:
+        faults.append(_faults())
+        cpu.append(time.process_time())
+
     summary = train(TrainConfig(
         model=spec["model"], data=spec["train_file"], eval_data=spec["eval_file"],
         output=spec["out"], force=True, steps=s["steps"], batch_size=s["batch"],
         seq_len=s["seq_len"], rank=s["rank"], alpha=s["alpha"], lr=s["lr"], warmup=0.0,
         dtype="fp32", eval_every=s["steps"], save_every=0, progress=False, seed=s["seed"],
-        threads=s["threads"], template=spec["template"]), on_step=lambda step: faults.append(_faults()))
-    faults.append(_faults())  # the last step's count includes the final eval: medians are reported
+        threads=s["threads"], template=spec["template"]), on_step=mark)
+    # Marks are taken as each step starts, so the last step has none (its span would include the
+    # final eval): CPU time covers all steps but the last, page faults are reported as medians.
     seconds = [n / r["tokens_per_s"] for n, r in zip(spec["step_counts"], summary.history)]
-    return {"seconds": seconds, "eval_loss": summary.eval_loss,
-            "faults": [b - a for a, b in zip(faults, faults[1:])]}
+    return {"seconds": seconds, "eval_loss": summary.eval_loss, "faults": _between(faults),
+            "cpu_seconds": _between(cpu)}
 
 
 def child_transformers(spec: dict) -> dict:
@@ -55,13 +65,16 @@ def child_transformers(spec: dict) -> dict:
     class Timer(TrainerCallback):
         seconds: list = []
         faults: list = []
+        cpu_seconds: list = []
 
         def on_step_begin(self, *args, **kwargs):
             self.started, self.first_fault = time.perf_counter(), _faults()
+            self.cpu_started = time.process_time()
 
         def on_step_end(self, *args, **kwargs):
             self.seconds.append(time.perf_counter() - self.started)
             self.faults.append(_faults() - self.first_fault)
+            self.cpu_seconds.append(time.process_time() - self.cpu_started)
 
     args = TrainingArguments(
         output_dir=spec["out"], use_cpu=True, per_device_train_batch_size=s["batch"],
@@ -72,7 +85,7 @@ def child_transformers(spec: dict) -> dict:
     timer = Timer()
     InOrder(model=model, args=args, train_dataset=rows, data_collator=collate,
             callbacks=[timer]).train()
-    return {"seconds": timer.seconds, "faults": timer.faults,
+    return {"seconds": timer.seconds, "faults": timer.faults, "cpu_seconds": timer.cpu_seconds,
             "eval_loss": _plain_eval_loss(model, spec["eval_rows"])}
 
 

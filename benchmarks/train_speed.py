@@ -19,7 +19,10 @@ resident set (wait4). Runs alternate between the sides and repeat; the tables sh
 min-max spread, because the machine is shared, and the 1-minute load average around the runs.
 tokens/s counts real (non-pad) tokens over the optimizer steps after the first --warmup ones: while
 the C heap grows to its working size a step also pays for fresh pages (the page-fault column shows
-the median per timed step), which a real run of hundreds of steps pays once.
+the median per timed step), which a real run of hundreds of steps pays once. tok/CPU-s divides the
+tokens of the same steps (but the last) by the process's CPU time: where other jobs take turns on the
+cores, wall time counts their turns and CPU time does not, so on a loaded machine it is the steadier
+of the two ratios (with more than one thread it also counts threads waiting at barriers).
 Eval loss is computed the same way for both trained adapters (mean token loss on held-out records).
 
 On a machine shared with other jobs, pass --threads 1: with one torch thread per core and more
@@ -108,8 +111,9 @@ def flops_per_step(config: dict, lengths: list[int], labelled: int, rank: int) -
     return linear + attention + head
 
 
-def matmul_peak(dtype_name: str, m: int, k: int, n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of an (m x k) @ (k x n) matmul in this process's thread setting."""
+def matmul_peak(dtype_name: str, m: int, k: int, n: int, repeats: int = 5,
+                clock=time.perf_counter) -> float:
+    """Best FLOP/s of an (m x k) @ (k x n) matmul in this process's thread setting, by `clock`."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -117,9 +121,9 @@ def matmul_peak(dtype_name: str, m: int, k: int, n: int, repeats: int = 5) -> fl
     a @ b
     best = float("inf")
     for _ in range(repeats):
-        started = time.perf_counter()
+        started = clock()
         a @ b
-        best = min(best, time.perf_counter() - started)
+        best = min(best, clock() - started)
     return 2 * m * k * n / best
 
 
@@ -197,9 +201,9 @@ def plan_case(model: Path, work: Path, settings: dict, case: str, config: dict) 
     timed = spec["steps"][settings["warmup"]:]
     plan = {"tokens": sum(n for step in timed for n, _ in step), "flops": sum(
         flops_per_step(config, [n for n, _ in step], sum(k for _, k in step), settings["rank"])
-        for step in timed)}
-    results = {side: {k: [] for k in ("tokens_per_s", "peak_rss", "eval_loss", "flops", "faults",
-                                      "load")} for side in SIDES}
+        for step in timed), "cpu_tokens": sum(spec["step_counts"][settings["warmup"]:-1])}
+    results = {side: {k: [] for k in ("tokens_per_s", "cpu_tokens_per_s", "peak_rss", "eval_loss",
+                                      "flops", "faults", "load")} for side in SIDES}
     results["per_token_flops"] = plan["flops"] / plan["tokens"]
     results["padding"] = 1 - plan["tokens"] / sum(max(n for n, _ in s) * len(s) for s in timed)
     return plan, results
@@ -213,11 +217,12 @@ def measure(name: str, model: Path, work: Path, settings: dict, repeats: int,
     plans, results = {}, {}
     for case in cases:
         plans[case], results[case] = plan_case(model, work / case, settings, case, config)
-    peaks = []
+    peaks, cpu_peaks = [], []
     d, ffn = config["hidden_size"], config["intermediate_size"]
     for rep in range(repeats):
         # The peak is measured between runs, in the same conditions, on a shape the model uses.
         peaks.append(matmul_peak("float32", 512, d, ffn))
+        cpu_peaks.append(matmul_peak("float32", 512, d, ffn, clock=time.process_time))
         for case in cases:
             for side in (SIDES if rep % 2 == 0 else SIDES[::-1]):
                 r = run_child(side, work / case / "spec.json", work / case / f"{side}.json")
@@ -227,13 +232,18 @@ def measure(name: str, model: Path, work: Path, settings: dict, repeats: int,
                 entry["tokens_per_s"].append(tokens_per_s)
                 entry["flops"].append(plans[case]["flops"] / seconds)
                 entry["faults"].append(median(r["faults"][warmup:]))
+                # CPU time leaves out the time other jobs held the core; the last step is left out
+                # on both sides (edgetune's span for it would include the final eval).
+                entry["cpu_tokens_per_s"].append(
+                    plans[case]["cpu_tokens"] / sum(r["cpu_seconds"][warmup:len(r["seconds"]) - 1]))
                 for key in ("peak_rss", "eval_loss", "load"):
                     entry[key].append(r[key])
                 print(f"  {name} {case} rep {rep} {side}: {tokens_per_s:.1f} tok/s, "
+                      f"{entry['cpu_tokens_per_s'][-1]:.1f} tok/CPU-s, "
                       f"{r['peak_rss'] / 2**30:.2f} GiB, eval loss {r['eval_loss']:.4f}, "
                       f"load {r['load']:.1f}", flush=True)
     for case in cases:
-        results[case]["fp32 peak"] = peaks
+        results[case]["fp32 peak"], results[case]["fp32 CPU peak"] = peaks, cpu_peaks
     return results
 
 
@@ -246,38 +256,47 @@ def print_table(title: str, results: dict, bf16_peak: float) -> None:
     # Against the best peak seen: load from other jobs lowers it, so the median can flatter.
     peak = max(results["fp32 peak"])
     print(f"\n{title}")
-    print(f"{'':<14}{'tok/s med':>10}{'spread':>14}{'peak RSS GiB':>18}{'eval loss':>11}"
-          f"{'GFLOP/s':>9}{'% fp32 peak':>12}{'faults/step':>12}{'load':>6}")
+    print(f"{'':<14}{'tok/s med':>10}{'spread':>14}{'tok/CPU-s':>10}{'peak RSS GiB':>18}"
+          f"{'eval loss':>11}{'GFLOP/s':>9}{'% fp32 peak':>12}{'faults/step':>12}{'load':>6}")
     for side, entry in (("edgetune", e), ("transformers", t)):
         rss = [v / 2**30 for v in entry["peak_rss"]]
         gf = median(entry["flops"]) / 1e9
         print(f"{side:<14}{median(entry['tokens_per_s']):>10.1f}{spread(entry['tokens_per_s']):>14}"
+              f"{median(entry['cpu_tokens_per_s']):>10.1f}"
               f"{median(rss):>8.2f} ({spread(rss, '.2f')}){median(entry['eval_loss']):>11.4f}"
               f"{gf:>9.1f}{100 * gf * 1e9 / peak:>11.0f}%{median(entry['faults']):>12.0f}"
               f"{median(entry['load']):>6.1f}")
     speedup = median(e["tokens_per_s"]) / median(t["tokens_per_s"])
-    print(f"ratios edgetune/transformers: tokens/s {speedup:.2f}, "
+    cpu_speedup = median(e["cpu_tokens_per_s"]) / median(t["cpu_tokens_per_s"])
+    print(f"ratios edgetune/transformers: tokens/s {speedup:.2f} (per CPU-second {cpu_speedup:.2f}), "
           f"peak RSS {median(e['peak_rss']) / median(t['peak_rss']):.2f}, "
           f"eval loss {median(e['eval_loss']) / median(t['eval_loss']):.4f}")
     print(f"useful work {results['per_token_flops'] / 1e9:.2f} GFLOP/token; padding in the "
           f"reference batches {results['padding']:.0%}; measured matmul peak fp32 "
           f"{peak / 1e9:.1f} GFLOP/s (best of {spread([p / 1e9 for p in results['fp32 peak']])}), "
-          f"bf16 {bf16_peak / 1e9:.1f} GFLOP/s (no AVX512-BF16: not used)")
+          f"{max(results['fp32 CPU peak']) / 1e9:.1f} GFLOP/CPU-s, bf16 {bf16_peak / 1e9:.1f} GFLOP/s "
+          f"(no AVX512-BF16: not used)")
 
 
 def print_summary(rows: list[tuple[str, str, dict]]) -> None:
     """Both cases of every model side by side: the issue's figures in one table."""
-    print("\nsummary: interleaved medians; % of the best fp32 matmul peak seen; load = 1-min average")
+    print("\nsummary: interleaved medians of tokens/s (wall) and tokens per CPU-second; shares of the "
+          "best fp32 matmul peak seen, by wall time and by CPU time; load = 1-min average")
     print(f"{'model':<16}{'case':<13}{'edgetune':>10}{'reference':>11}{'speed-up':>10}"
-          f"{'% peak e/ref':>14}{'RSS ratio':>11}{'eval ratio':>12}{'load':>11}")
+          f"{'per CPU-s':>11}{'% peak e/ref':>14}{'% CPU peak':>12}{'RSS ratio':>11}"
+          f"{'eval ratio':>12}{'load':>11}")
     for name, case, r in rows:
         e, t, peak = r["edgetune"], r["transformers"], max(r["fp32 peak"])
         shares = [100 * median(x["flops"]) / peak for x in (e, t)]
+        cpu_shares = [100 * r["per_token_flops"] * median(x["cpu_tokens_per_s"])
+                      / max(r["fp32 CPU peak"]) for x in (e, t)]
         loads = e["load"] + t["load"]
         print(f"{name:<16}{case:<13}{median(e['tokens_per_s']):>10.1f}"
               f"{median(t['tokens_per_s']):>11.1f}"
               f"{median(e['tokens_per_s']) / median(t['tokens_per_s']):>9.2f}x"
+              f"{median(e['cpu_tokens_per_s']) / median(t['cpu_tokens_per_s']):>10.2f}x"
               f"{shares[0]:>8.0f}/{shares[1]:.0f}%"
+              f"{cpu_shares[0]:>7.0f}/{cpu_shares[1]:.0f}%"
               f"{median(e['peak_rss']) / median(t['peak_rss']):>11.2f}"
               f"{median(e['eval_loss']) / median(t['eval_loss']):>12.4f}"
               f"{min(loads):>6.1f}-{max(loads):.1f}")
@@ -338,6 +357,8 @@ def main() -> None:
     import torch
 
     names, cases = model_names(args.models), [c.strip() for c in args.cases.split(",")]
+    if min(int(n) for n in args.steps.split(",")) < args.warmup + 2:
+        raise SystemExit("--steps must be at least --warmup + 2 (two timed steps)")
     if not set(cases) <= set(CASES):
         raise SystemExit(f"--cases: choose from {', '.join(CASES)}")
     work = Path(args.work or tempfile.mkdtemp(prefix="edgetune-speed-"))
