@@ -1,7 +1,7 @@
 """Where a training step's time goes: CPU time per operator, load-robust, for either side.
 
     python benchmarks/profile_step.py [--model smollm2-135m] [--case dense] [--seq-len 256]
-                                      [--batch 4] [--side edgetune] [--torch-profiler]
+                                      [--batch 4] [--side edgetune] [--torch-profiler] [--compile]
 
 Trains a few steps of edgetune's step (packed rows, fused LoRA, chunked loss) or of transformers +
 PEFT (padded batch, full logits, `model(...).loss`) on the same examples as
@@ -11,6 +11,9 @@ time other jobs hold the core, so on a shared machine the shares stay put while 
 Matmuls are listed by shape with their GFLOP per CPU-second, against a plain matmul of the
 model's MLP shape timed the same way. Run it with another checkout first on PYTHONPATH to profile
 that version of edgetune.
+
+--compile wraps every decoder layer in torch.compile first and prints only the per-step CPU times
+(the first step includes the compilation): the operator table would time the graph's eager fallback.
 """
 
 import argparse
@@ -135,6 +138,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps before the profiled one")
     parser.add_argument("--torch-profiler", action="store_true",
                         help="also print torch.profiler's table (wall time) for one more step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each decoder layer; per-step CPU times only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"edgetune from {Path(edgetune.__file__).parent}, {args.side} side, {args.case} data")
@@ -145,6 +150,10 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     model.train()
+    if args.compile:
+        causal_lm = model.get_base_model()
+        for layer in causal_lm.model.layers:
+            layer.compile()
 
     def step(i: int) -> float:
         loss = loss_of(data[i * args.batch:(i + 1) * args.batch])
@@ -159,6 +168,8 @@ def main() -> None:
         value = step(i)
         print(f"step {i}: {time.perf_counter() - wall:.2f} s wall, {time.process_time() - cpu:.2f} "
               f"CPU-s, loss {value:.4f}, load {os.getloadavg()[0]:.1f}", flush=True)
+    if args.compile:
+        return
     times = CpuTimes()
     cpu = time.process_time()
     with times:
