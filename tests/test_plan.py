@@ -173,8 +173,10 @@ def saved_activation_bytes(arch: str, layers: int, tokens: int, dtype) -> int:
     use_segment_attention(model)
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids = torch.randint(0, 256, (tokens,)).tolist()
-    half = tokens // 2
-    batch = pack([Example(ids[:half], ids[:half]), Example(ids[half:], ids[half:])])
+    # Two examples of different lengths: two SDPA calls, whose outputs are joined into a new tensor
+    # for o_proj (examples of one length share one call, and o_proj's input is then SDPA's output).
+    cut = tokens * 3 // 8
+    batch = pack([Example(ids[:cut], ids[:cut]), Example(ids[cut:], ids[cut:])])
     saved: dict[int, int] = {}
 
     def keep(tensor):

@@ -159,8 +159,9 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
 
     PEFT casts each adapted layer's input to the adapter's fp32 before lora_A, and autograd keeps
     each cast copy; with an fp32 compute dtype the cast is a no-op and q, k, v (and gate, up) share
-    one saved input. o_proj's input is its own tensor either way: the attention heads are transposed
-    back and made contiguous. RMSNorm upcasts its input to fp32 and keeps it, with one fp32 inverse
+    one saved input. o_proj's input is its own tensor where a packed row holds examples of different
+    lengths (the per-length attention outputs are joined into a new tensor); where all have one length
+    it is SDPA's saved output itself, q_dim values per token fewer than counted here. RMSNorm upcasts its input to fp32 and keeps it, with one fp32 inverse
     norm per token. A frozen bf16 linear layer keeps nothing, but bitsandbytes' 4/8-bit matmuls keep
     their input (in fp32, the same tensor as the adapter's). SDPA (flash kernel on the CPU) keeps q,
     k, v, its output and a logsumexp, no seq x seq matrix. tests/test_plan.py counts the saved

@@ -227,7 +227,7 @@ def keep_4bit_layout_trainable(model: Any) -> None:
 def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str | list[str],
              seed: int, grad_checkpointing: bool) -> Any:
     """Wrap the base in a PEFT LoRA model (adapter weights fp32 for stable updates), with LoRA layers
-    computed in place (edgetune.train.lora)."""
+    computed in place (edgetune.train.lora) and RMSNorm layers fused (edgetune.train.norm)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -241,8 +241,10 @@ def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str |
     except ValueError as exc:
         raise EdgetuneError(f"--target-modules {modules}: {str(exc).splitlines()[0]}") from None
     from edgetune.train.lora import fuse_lora
+    from edgetune.train.norm import fuse_norms
 
     fuse_lora(peft_model)
+    fuse_norms(peft_model)
     if grad_checkpointing:
         checkpoint_layers(peft_model.base_model.model)
     return peft_model
