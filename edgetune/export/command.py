@@ -7,7 +7,7 @@ export at OUT. While it works, the run folder it reads and the output it writes 
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -78,24 +78,36 @@ def _run_settings(run: Path) -> dict:
 
 @dataclass
 class Formats:
-    """What to write: GGUF types, ONNX precisions, and whether the ONNX uses generic ops only."""
+    """What to write: GGUF types, ONNX precisions (and whether the ONNX uses generic ops only),
+    ExecuTorch and LiteRT-LM types."""
 
     gguf: list[str]
     onnx: list[str]
     onnx_generic: bool
+    executorch: list[str] = field(default_factory=list)
+    litert: list[str] = field(default_factory=list)
+
+    @property
+    def phone(self) -> dict[str, list[str]]:
+        return {"executorch": self.executorch, "litert": self.litert}
 
 
 def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
     """The formats asked for, else what the --target device profile chooses."""
-    formats = Formats(config.gguf_types, config.onnx_types, config.onnx_generic)
+    formats = Formats(config.gguf_types, config.onnx_types, config.onnx_generic,
+                      config.executorch_types, config.litert_types)
     if config.onnx_generic and not formats.onnx:
         formats.onnx.append("fp32")
-    if config.target and not (formats.gguf or formats.onnx or config.gguf_adapter):
+    asked = formats.gguf or formats.onnx or config.gguf_adapter or any(formats.phone.values())
+    if config.target and not asked:
         from edgetune.devices.selection import choose_export
+        from edgetune.export.phone import unavailable
 
-        for item in choose_export(config.target, model_dir, config.ctx):
+        for item in choose_export(config.target, model_dir, config.ctx, unavailable()):
             kind, _, value = item.partition(":")
-            (formats.gguf if kind == "gguf" else formats.onnx).append(value)
+            lists = {"gguf": formats.gguf, "onnx": formats.onnx, "onnx-generic": formats.onnx,
+                     **formats.phone}
+            lists[kind].append(value)
             formats.onnx_generic |= kind == "onnx-generic"
     return formats
 
@@ -110,6 +122,21 @@ def _check_imatrix_available(config: ExportConfig, source: Source, formats: Form
         raise EdgetuneError(f"--gguf {needs[0]}: llama.cpp makes it only with an importance matrix, "
                             f"and there is none ({why}): export a training run (its training data "
                             "calibrates one) or pass --imatrix FILE")
+
+
+def _check_phone(config: ExportConfig, formats: Formats, model_dir: Path) -> None:
+    """One line before anything loads: a phone runtime not installed, an architecture it does not
+    take, or a KV cache too short for the held-out positions verification decodes."""
+    from edgetune.export import phone
+
+    for fmt, kinds in formats.phone.items():
+        if kinds:
+            phone.require(fmt)
+            length = phone.cache_length(phone.read_config(model_dir, fmt), config.ctx, quiet=True)
+            if config.verify and length < config.positions:
+                raise EdgetuneError(f"--ctx {length}: the {fmt} files' KV cache cannot hold the "
+                                    f"{config.positions} held-out positions verification decodes; "
+                                    f"pass --positions {length} or fewer")
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -150,6 +177,7 @@ def main(config: ExportConfig) -> int:
                                 "not a training run with an adapter")
         formats = plan_formats(config, source.model_dir)
         _check_imatrix_available(config, source, formats)
+        _check_phone(config, formats, source.model_dir)
         with folders.disk_errors(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
         with _run_lock(source), folders.sibling_lock(out, f"export folder {out}",

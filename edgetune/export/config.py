@@ -10,6 +10,10 @@ from edgetune.export.quantize import LLAMA_TYPES
 GGUF_TYPES = ("f16", "bf16", "q8_0") + LLAMA_TYPES
 IMATRIX_MODES = ("auto", "none")
 ONNX_TYPES = ("fp32", "int8", "int4")
+# ExecuTorch (XNNPACK): fp32, or torchao's 8-bit dynamic activations with 4-bit (groups of 32) or 8-bit
+# (per channel) weights. LiteRT: fp32, or ai-edge-quantizer's per-channel 8-bit or 4-bit weights.
+EXECUTORCH_TYPES = ("fp32", "8da4w", "8da8w")
+LITERT_TYPES = ("fp32", "int8", "int4")
 
 
 def split_list(value: str | None) -> list[str]:
@@ -41,9 +45,15 @@ class ExportConfig:
     onnx: str | None = option(None, f"ONNX precisions, comma-separated: {', '.join(ONNX_TYPES)}",
                               metavar="TYPES")
     onnx_generic: bool = option(False, "ONNX with generic ops only (no onnxruntime contrib ops)")
+    executorch: str | None = option(None, "ExecuTorch .pte types for Android and iOS apps, comma-separated: "
+                                    f"{', '.join(EXECUTORCH_TYPES)} (needs edgetune[phone])",
+                                    metavar="TYPES")
+    litert: str | None = option(None, "LiteRT-LM .litertlm types for Android apps, comma-separated: "
+                                f"{', '.join(LITERT_TYPES)} (needs edgetune[phone])", metavar="TYPES")
     target: str | None = option(None, "device profile (see `edgetune devices`): choose the formats "
-                                "that fit it when no --gguf/--onnx is given", metavar="DEVICE")
-    ctx: int = option(2048, "context length the --target device must hold")
+                                "that fit it when no format is given", metavar="DEVICE")
+    ctx: int = option(2048, "context length the --target device must hold; also the KV cache length "
+                      "of .pte and .litertlm files")
     verify: bool = option(True, "check every file against the torch model and fail past threshold")
     keep_failed: bool = option(False, "when a file fails verification, keep the export in "
                                "OUTPUT.rejected for inspection")
@@ -57,10 +67,13 @@ class ExportConfig:
                                 "--gguf q8_0")
         _check_types("gguf", self.gguf, GGUF_TYPES)
         _check_types("onnx", self.onnx, ONNX_TYPES)
+        _check_types("executorch", self.executorch, EXECUTORCH_TYPES)
+        _check_types("litert", self.litert, LITERT_TYPES)
         if not (self.gguf_types or self.gguf_adapter or self.onnx_types or self.onnx_generic
-                or self.target):
+                or self.executorch_types or self.litert_types or self.target):
             raise EdgetuneError("no format asked for: pass --gguf q8_0 (types: "
-                                f"{', '.join(GGUF_TYPES)}), --gguf-adapter, --onnx or --target DEVICE")
+                                f"{', '.join(GGUF_TYPES)}), --gguf-adapter, --onnx, --executorch, "
+                                "--litert or --target DEVICE")
         if self.imatrix not in IMATRIX_MODES and not Path(self.imatrix).expanduser().is_file():
             raise EdgetuneError(f"--imatrix {self.imatrix}: no such file; pass auto, none or an "
                                 "imatrix.gguf file")
@@ -76,6 +89,14 @@ class ExportConfig:
     @property
     def onnx_types(self) -> list[str]:
         return split_list(self.onnx)
+
+    @property
+    def executorch_types(self) -> list[str]:
+        return split_list(self.executorch)
+
+    @property
+    def litert_types(self) -> list[str]:
+        return split_list(self.litert)
 
 
 @dataclass(frozen=True)
