@@ -22,7 +22,7 @@ VERBS = {
               "edgetune.train.config:TrainConfig", "edgetune.train.command"),
     "distill": ("train a student on a teacher's top-k log-probs or responses, the teacher in llama.cpp",
                 "edgetune.distill.config:DistillConfig", "edgetune.distill.command"),
-    "export": ("merge a run's adapter and write verified GGUF or ONNX files",
+    "export": ("merge a run's adapter and write verified GGUF, ONNX, ExecuTorch or LiteRT-LM files",
                "edgetune.export.config:ExportConfig", "edgetune.export.command"),
     "run": ("chat with a GGUF model through llama.cpp",
             "edgetune.export.config:RunConfig", "edgetune.export.run"),

@@ -33,12 +33,18 @@ BITS_PER_WEIGHT = {
     "executorch": {"8da8w": 8.1, "8da4w": 5.0},
     "litert": {"int8": 8.0, "int4": 4.0},
 }
+# Files written but never chosen by --target (the quantized ones fit where these do): their weights'
+# own widths, for checking an explicit choice against a device.
+UNQUANTIZED_BITS = {"fp32": 32, "f16": 16, "bf16": 16}
 # KV cache element size: llama.cpp keeps f16; onnxruntime on CPU keeps the fp32 of the graph's I/O, and
 # so do the static caches of the ExecuTorch and LiteRT files.
 KV_BYTES = {"gguf": 2, "onnx": 4, "onnx-generic": 4, "executorch": 4, "litert": 4}
-# Process, runtime libraries and allocator slack, measured as RSS of a loaded tiny model.
+# Process, runtime libraries and allocator slack, measured as RSS of a loaded tiny model. LiteRT-LM:
+# 70 MiB over a bare Python process for its engine answering with a tiny bundle. ExecuTorch's Python
+# runtime loads torch, so its figure is the 10 MiB its runner and a tiny program add to that process
+# plus its libraries (18 MiB on disk).
 RUNTIME_BASE = {"gguf": 64 * 2**20, "onnx": 128 * 2**20, "onnx-generic": 128 * 2**20,
-                "executorch": 64 * 2**20, "litert": 64 * 2**20}
+                "executorch": 32 * 2**20, "litert": 70 * 2**20}
 # Runtimes whose cache holds only the window for sliding-window layers.
 WINDOWED_KV = {"gguf"}
 
@@ -85,7 +91,7 @@ class Choice:
 def predict(profile: Profile, shape, ctx: int, fmt: str, quant: str) -> Choice:
     """Memory and decode speed of `shape` as `fmt:quant` on `profile` with a `ctx`-token cache."""
     shape = as_shape(shape)
-    bits = BITS_PER_WEIGHT[fmt][quant]
+    bits = BITS_PER_WEIGHT[fmt].get(quant) or UNQUANTIZED_BITS[quant]
     stored_bits, output_bits = _embedding_bits(fmt, quant, shape.tied, bits)
     weights = (shape.linear_params * bits + shape.token_embedding_params * stored_bits) / 8
     kv = shape.kv_bytes(ctx, KV_BYTES[fmt], fmt in WINDOWED_KV)
@@ -185,6 +191,25 @@ def choose_export(profile_name: str, model_dir: Path, ctx: int,
     print(f"edgetune: {profile_name} (one app may use {format_size(target.device.usable_bytes)}), "
           f"context {ctx}: {usable[0].describe()}")
     return [usable[0].name]
+
+
+def check_choices(profile_name: str, model_dir: Path, ctx: int, names: list[str]) -> None:
+    """Formats named explicitly with --target (e.g. "executorch:8da4w"): each must fit the device at
+    `ctx`, or the one line names the first that does not, what it needs and the context that fits."""
+    profile, shape = get(profile_name), shape_from_folder(model_dir)
+    for name in names:
+        fmt, _, quant = name.partition(":")
+        if fmt not in BITS_PER_WEIGHT or quant not in {**BITS_PER_WEIGHT[fmt], **UNQUANTIZED_BITS}:
+            continue  # not a file a device runs (e.g. an adapter)
+        choice = predict(profile, shape, ctx, fmt, quant)
+        if choice.total_bytes > profile.usable_bytes:
+            room = profile.usable_bytes - predict(profile, shape, 0, fmt, quant).total_bytes
+            longest = max(room, 0) // shape.kv_bytes_per_token(KV_BYTES[fmt]) // 256 * 256
+            hint = (f"; --ctx {longest} fits" if longest >= 256 else
+                    "; it does not fit at any context: choose a smaller type")
+            raise EdgetuneError(f"{choice.describe()}: does not fit {profile_name} at context {ctx}, "
+                                f"which gives one app {format_size(profile.usable_bytes)}{hint}")
+        print(f"edgetune: {profile_name}, context {ctx}: {choice.describe()}")
 
 
 def max_context(profile: Profile, shape: ModelShape) -> int:

@@ -99,6 +99,13 @@ def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
     if config.onnx_generic and not formats.onnx:
         formats.onnx.append("fp32")
     asked = formats.gguf or formats.onnx or config.gguf_adapter or any(formats.phone.values())
+    if config.target and asked:
+        from edgetune.devices.selection import check_choices
+
+        onnx = "onnx-generic" if formats.onnx_generic else "onnx"
+        check_choices(config.target, model_dir, config.ctx,
+                      [f"gguf:{t}" for t in formats.gguf] + [f"{onnx}:{t}" for t in formats.onnx]
+                      + [f"{fmt}:{t}" for fmt, kinds in formats.phone.items() for t in kinds])
     if config.target and not asked:
         from edgetune.devices.selection import choose_export
         from edgetune.export.phone import unavailable

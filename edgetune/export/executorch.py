@@ -13,7 +13,7 @@ prompt, so the template travels beside the program.
 """
 
 import shutil
-import time
+import warnings
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
@@ -33,23 +33,21 @@ def export_executorch(model_dir: Path, out_dir: Path, kind: str, ctx: int, stop_
     phone.require("executorch")
     config = phone.read_config(model_dir, "executorch")
     length = phone.cache_length(config, ctx)
-    started = time.perf_counter()
+    clock = phone.Clock()
     model = _load(model_dir)
     if kind != "fp32":
         _quantize(model, kind)
     exported = _export(model, length)
-    traced = time.perf_counter()
-    metadata = _metadata(config, length, stop_ids)
-    program = _lower(exported, metadata)
+    clock.lap("export")
+    program = _lower(exported, _metadata(config, length, stop_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "model.pte", "wb") as f:
         program.write_to_file(f)
     for name in TOKENIZER_FILES:
         if (Path(model_dir) / name).is_file():
             shutil.copy2(Path(model_dir) / name, out_dir / name)
-    done = time.perf_counter()
-    return (f"KV cache {length} tokens; export {traced - started:.0f} s, lowering to XNNPACK "
-            f"{done - traced:.0f} s")
+    clock.lap("lowering to XNNPACK")
+    return f"KV cache {length} tokens; {clock}"
 
 
 def _load(model_dir: Path):
@@ -86,7 +84,9 @@ def _export(model, length: int):
     wrapper = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=length)
     tokens = torch.export.Dim("tokens", max=length - 1)
     ids = torch.tensor([[1, 2]], dtype=torch.long)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # transformers' output-capturing hook is a side effect dynamo reports on every export
+        warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
         # strict export: the non-strict tracer fails on the cache wrapper ("expected compiled_fn to
         # be GraphModule") in the torch this was built with.
         return wrapper.export(input_ids=ids, cache_position=torch.arange(2, dtype=torch.long),
@@ -109,10 +109,14 @@ def _lower(exported, metadata: dict):
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                                       constant_methods=metadata)
-    return edge.to_executorch()
+    with warnings.catch_warnings():
+        # the KV cache is a mutated buffer whose initial contents do not matter (zeros are written)
+        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected")
+        warnings.filterwarnings("ignore", message=".*treespec.* is deprecated", category=FutureWarning)
+        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                           constant_methods=metadata)
+        return edge.to_executorch()
 
 
 def verify_executorch(out_dir: Path, kind: str, reference, chat: phone.Chat,

@@ -21,7 +21,6 @@ API answers wrongly or not at all:
 import contextlib
 import shutil
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -30,7 +29,8 @@ from edgetune.export import phone
 from edgetune.export.report import Verification
 
 # type -> ai-edge-quantizer recipe (None: the converted fp32 program as it is)
-RECIPES = {"fp32": None, "int8": "dynamic_wi8_afp32", "int4": "dynamic_wi4_afp32"}
+# int4 in blocks of 32: per-channel 4-bit weights cost SmolLM2-135M most of its quality (docs/phone.md).
+RECIPES = {"fp32": None, "int8": "dynamic_wi8_afp32", "int4": "dynamic_wi4b32_afp32"}
 PREFILL = 128  # tokens per prefill call (the runtime pads or chunks prompts to it)
 # Jinja that rewrites list-of-parts contents to strings before the model's own template runs.
 CONTENT_AS_TEXT = (
@@ -54,18 +54,17 @@ def export_litert(model_dir: Path, tmp: Path, work: Path, kinds: list[str], ctx:
     phone.require("litert")
     config = phone.read_config(model_dir, "litert")
     length = phone.cache_length(config, ctx)
-    started = time.perf_counter()
+    clock = phone.Clock()
     converted = _convert(model_dir, work / "litert", length)
-    converting = time.perf_counter() - started
+    clock.lap("conversion")
     metadata = _fixed_metadata(converted, model_dir)
     notes = {}
     for kind in kinds:
-        started = time.perf_counter()
+        own = phone.Clock()
         program = _quantize(converted / "model.tflite", RECIPES[kind])
         _bundle(tmp / f"model-{kind}.litertlm", program, metadata, converted, kind)
-        notes[kind] = (f"KV cache {length} tokens, prefill {min(PREFILL, length)}; converted in "
-                       f"{converting:.0f} s" + (f", quantized in {time.perf_counter() - started:.0f} s"
-                                               if RECIPES[kind] else ""))
+        own.lap("quantizing and bundling" if RECIPES[kind] else "bundling")
+        notes[kind] = f"KV cache {length} tokens, prefill {min(PREFILL, length)}; {clock}, {own}"
     return notes
 
 
@@ -96,7 +95,7 @@ def _tflite_schema_alias():
 
 def _convert(model_dir: Path, out: Path, length: int) -> Path:
     """litert-torch's fp32 conversion into `out` (model.tflite, metadata, tokenizer.json)."""
-    with _tflite_schema_alias():
+    with _tflite_schema_alias(), phone.native_output():  # its imports log to stderr
         from litert_torch.generative.export_hf import export as exporter
     out.mkdir(parents=True, exist_ok=True)
     with phone.native_output() as output:  # a progress line per step on stdout, converter logs on stderr
@@ -158,19 +157,20 @@ def _bundle(path: Path, program: Path, metadata: Path, converted: Path, kind: st
     """model-<kind>.litertlm: metadata, tokenizer and program in LiteRT-LM's container."""
     from litert_lm_builder import litertlm_builder as builder
 
-    bundle = builder.LitertLmFileBuilder()
-    bundle.add_system_metadata(builder.Metadata(key="Authors", value="edgetune",
-                                                dtype=builder.DType.STRING))
-    bundle.add_llm_metadata(str(metadata))
-    if (converted / "executor_metadata.pb").is_file():
-        bundle.add_executor_metadata(str(converted / "executor_metadata.pb"))
-    bundle.add_hf_tokenizer(str(converted / "tokenizer.json"))
-    # LiteRT-LM runs a text decoder's activations in fp16 on CPU unless the bundle asks otherwise; an
-    # fp32 file is verified in fp32, so it asks for that.
-    bundle.add_tflite_model(str(program), builder.TfLiteModelType.PREFILL_DECODE,
-                            prefer_activation_type="fp32" if kind == "fp32" else None)
-    with phone.native_output(), open(path, "wb") as f:
-        bundle.build(f)
+    with phone.native_output():  # the builder prints what it adds
+        bundle = builder.LitertLmFileBuilder()
+        bundle.add_system_metadata(builder.Metadata(key="Authors", value="edgetune",
+                                                    dtype=builder.DType.STRING))
+        bundle.add_llm_metadata(str(metadata))
+        if (converted / "executor_metadata.pb").is_file():
+            bundle.add_executor_metadata(str(converted / "executor_metadata.pb"))
+        bundle.add_hf_tokenizer(str(converted / "tokenizer.json"))
+        # LiteRT-LM runs a text decoder's activations in fp16 on CPU unless the bundle asks otherwise:
+        # an fp32 file is verified in fp32, so it asks for that.
+        bundle.add_tflite_model(str(program), builder.TfLiteModelType.PREFILL_DECODE,
+                                prefer_activation_type="fp32" if kind == "fp32" else None)
+        with open(path, "wb") as f:
+            bundle.build(f)
 
 
 def verify_litert(tmp: Path, kind: str, reference, chat: phone.Chat, note: str = "") -> Verification:

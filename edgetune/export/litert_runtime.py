@@ -108,9 +108,20 @@ def causal_mask(positions: list[int], length: int):
 
 def converse(path: Path, chat: phone.Chat) -> tuple[str, int | None, float | None]:
     """(reply, prompt tokens, decode tokens/s) from LiteRT-LM's Conversation API, greedy."""
+    import tempfile
+
     import litert_lm
 
-    engine = litert_lm.Engine(str(path), backend=litert_lm.Backend.CPU(), enable_benchmark=True)
+    # The engine caches XNNPACK's packed weights beside the model unless told where: not in the export.
+    with tempfile.TemporaryDirectory(prefix="edgetune-litert-") as cache:
+        engine = litert_lm.Engine(str(path), backend=litert_lm.Backend.CPU(), enable_benchmark=True,
+                                  cache_dir=cache)
+        return _converse(engine, chat)
+
+
+def _converse(engine, chat: phone.Chat) -> tuple[str, int | None, float | None]:
+    import litert_lm
+
     try:
         conversation = engine.create_conversation(
             sampler_config=litert_lm.SamplerConfig(top_k=1, temperature=0.0),

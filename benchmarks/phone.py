@@ -1,0 +1,139 @@
+"""Phone-native files of SmolLM2-135M: size, fidelity, decode speed and export time, per type.
+
+    python benchmarks/phone.py [--executorch fp32,8da4w,8da8w] [--litert fp32,int8,int4] [--ctx 2048]
+                               [--model smollm2-135m] [--out DIR]
+    python benchmarks/phone.py --recipes dynamic_wi8_afp32,weight_only_wi8_afp32 --bundle model-fp32.litertlm
+
+Runs `edgetune export` once per runtime in a fresh process (its wall and CPU seconds come from wait4) and
+prints each file's row of report.json: size, top-1 agreement with torch step by step, mean KL divergence,
+perplexity ratio, the runtime's decode tokens/s, its chat reply, and the goals of docs/phone.md (fp32
+top-1 100%; 8da4w and LiteRT int8 perplexity ratio <= 1.05 with a correct chat answer). The load average
+is printed beside each run: on a shared machine the CPU seconds are the steadier figure.
+
+--recipes compares ai-edge-quantizer recipes on the fp32 program of an exported bundle, step by step in
+LiteRT against torch on the same held-out text: how the LiteRT types were chosen.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOAL_PPL_RATIO = 1.05
+
+
+def export(model: str, out: Path, flag: str, types: str, ctx: int) -> dict:
+    """`edgetune export MODEL --<flag> TYPES` in a fresh process: wall and CPU seconds, load."""
+    command = [sys.executable, "-m", "edgetune", "export", model, f"--{flag}", types, "--ctx", str(ctx),
+               "--output", str(out), "--force"]
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _, status, usage = os.wait4(child.pid, 0)
+    output = child.stdout.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{output[-3000:]}")
+    return {"wall_s": time.perf_counter() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "load_before": load, "load_after": os.getloadavg()[0], "output": output,
+            "rows": json.loads((out / "report.json").read_text())}
+
+
+def mean_kld(row: dict) -> float | None:
+    if "kld_mean" in row:
+        return row["kld_mean"]
+    found = re.search(r"mean KLD ([0-9.e+-]+) nats", row["note"])
+    return float(found.group(1)) if found else None
+
+
+def chat(row: dict) -> str:
+    found = re.search(r"chat: ('.*?'|\".*?\")( \(torch's reply\))?", row["note"])
+    return (found.group(1) + (" = torch" if found.group(2) else "")) if found else "-"
+
+
+def print_rows(rows: list[dict]) -> None:
+    print("| file | size | top-1 | mean KLD | ppl ratio | decode tok/s | chat reply | goal |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kind = r["format"].split()[-1]
+        if kind == "fp32":
+            goal = "met" if r["top1_agreement"] == 1.0 and r["passed"] else "NOT met"
+        elif kind in ("8da4w", "int8"):
+            goal = ("met" if r["perplexity_ratio"] <= GOAL_PPL_RATIO and "Paris" in chat(r)
+                    else "NOT met")
+        else:
+            goal = "-"
+        kld = mean_kld(r)
+        tps = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
+        print(f"| {r['format']} | {r['size_bytes'] / 2**20:.1f} MiB | {r['top1_agreement']:.1%} | "
+              f"{kld:.2e} | {r['perplexity_ratio']:.3f} | {tps} | {chat(r)} | {goal} |"
+              if kld is not None else f"| {r['format']} | ... |")
+
+
+def compare_recipes(bundle: Path, recipes: list[str], model: str) -> None:
+    """Each recipe applied to `bundle`'s fp32 program: size, top-1, mean KLD, perplexity ratio, steps/s."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from edgetune import models
+    from edgetune.export.heldout import held_out_ids
+    from edgetune.export.litert import _quantize
+    from edgetune.export.litert_runtime import Program, tflite_bytes
+    from edgetune.export.phone import kl_divergence
+    from edgetune.export.verify import torch_reference
+    from edgetune.metrics import perplexity
+
+    model_dir = models.resolve(model)
+    ids = held_out_ids(AutoTokenizer.from_pretrained(model_dir), None, 256)
+    reference = torch_reference(model_dir, ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "model.tflite"
+        fp32.write_bytes(tflite_bytes(bundle))
+        print("| recipe | size | top-1 | mean KLD | ppl ratio | LiteRT steps/s |\n|---|---|---|---|---|---|")
+        for recipe in recipes:
+            program = _quantize(fp32, None if recipe == "none" else recipe)
+            runner = Program(program.read_bytes())
+            started = time.perf_counter()
+            logits = np.stack([runner.decode(t, i) for i, t in enumerate(ids[:-1])])
+            rate = (len(ids) - 1) / (time.perf_counter() - started)
+            top1 = float((logits.argmax(-1) == reference.logits.argmax(-1)).mean())
+            ratio = perplexity(logits, ids[1:]) / reference.perplexity
+            print(f"| {recipe} | {program.stat().st_size / 2**20:.1f} MiB | {top1:.1%} | "
+                  f"{kl_divergence(reference.logits, logits).mean():.4f} | {ratio:.3f} | {rate:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--executorch", default="fp32,8da4w,8da8w")
+    parser.add_argument("--litert", default="fp32,int8,int4")
+    parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=None, help="keep the exports here")
+    parser.add_argument("--recipes", default="", help="compare ai-edge-quantizer recipes instead")
+    parser.add_argument("--bundle", type=Path, help="an fp32 .litertlm (with --recipes)")
+    args = parser.parse_args()
+    if args.recipes:
+        compare_recipes(args.bundle, args.recipes.split(","), args.model)
+        return
+    root = args.out or Path(tempfile.mkdtemp(prefix="edgetune-phone-"))
+    for flag in ("litert", "executorch"):
+        types = getattr(args, flag)
+        if not types:
+            continue
+        result = export(args.model, root / flag, flag, types, args.ctx)
+        print(f"\n## --{flag} {types} (--ctx {args.ctx}): export {result['wall_s'] / 60:.1f} min wall, "
+              f"{result['cpu_s'] / 60:.1f} min CPU; load average {result['load_before']:.1f} before, "
+              f"{result['load_after']:.1f} after (2 cores)")
+        print_rows(result["rows"])
+        for row in result["rows"]:
+            print(f"- {row['file']}: {row['note']}")
+    print(f"\nexports in {root}")
+
+
+if __name__ == "__main__":
+    main()
