@@ -116,6 +116,35 @@ def test_reply_text_drops_the_runner_statistics_and_stop_token():
     assert phone.skeleton("\x0e fo%\x14\ufffd%ual  6\u00e9") == phone.skeleton("fo%%ual 6") == "fo%%ual 6"
 
 
+def test_prefill_and_chat_checks_can_fail_a_file(tiny_model):
+    """A file whose logits match torch step by step still fails when its prefill path, its prompt's
+    token count or (fp32) its chat reply differs."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from edgetune.export.heldout import held_out_ids
+    from edgetune.export.verify import torch_reference
+
+    reference = torch_reference(tiny_model, held_out_ids(AutoTokenizer.from_pretrained(tiny_model), None, 16))
+    chat = phone.Chat([], "prompt", 10, "Paris.", ["<|im_end|>"], [2])
+    good = phone.Run(reference.logits, reference.logits[4:8], 4, "Paris.", 10, 5.0)
+
+    def check(kind="fp32", **change):
+        return phone.verification("f", f"executorch {kind}", kind, 1, dataclasses.replace(good, **change),
+                                  reference, chat)
+
+    assert check().passed and "chat: 'Paris.' (torch's reply)" in check().note
+    shifted = check(prefilled=reference.logits[5:9])
+    assert not shifted.passed and "the prefill path differs from step-by-step decoding" in shifted.note
+    doubled = check(prompt_tokens=11)
+    assert not doubled.passed and "read the chat prompt as 11 tokens, torch as 10" in doubled.note
+    assert not check(reply="Lyon.").passed and check("8da4w", reply="Lyon.").passed
+    assert "torch: 'Paris.'" in check("8da4w", reply="Lyon.").note
+    no_template = phone.verification("f", "litert-lm fp32", "fp32", 1, good, reference, None)
+    assert no_template.passed and "no chat template" in no_template.note
+
+
 SMOLLM2 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576,
            "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
            "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,

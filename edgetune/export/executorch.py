@@ -119,7 +119,7 @@ def _lower(exported, metadata: dict):
         return edge.to_executorch()
 
 
-def verify_executorch(out_dir: Path, kind: str, reference, chat: phone.Chat,
+def verify_executorch(out_dir: Path, kind: str, reference, chat: phone.Chat | None,
                       note: str = "") -> Verification:
     """Run out_dir/model.pte in ExecuTorch's runtime and its text runner; the report row."""
     path = Path(out_dir) / "model.pte"
@@ -129,7 +129,7 @@ def verify_executorch(out_dir: Path, kind: str, reference, chat: phone.Chat,
                               path.stat().st_size, run, reference, chat, note)
 
 
-def _run(path: Path, ids: list[int], chat: phone.Chat) -> phone.Run:
+def _run(path: Path, ids: list[int], chat: phone.Chat | None) -> phone.Run:
     import numpy as np
     import torch
     from executorch.runtime import Runtime
@@ -146,7 +146,7 @@ def _run(path: Path, ids: list[int], chat: phone.Chat) -> phone.Run:
     prefilled = [call(ids[:split], 0)]  # every position's logits come out of the prefill
     for i in range(split, min(split + phone.DECODE_AFTER_PREFILL, len(ids) - 1)):
         prefilled.append(call([ids[i]], i))
-    reply, prompt_tokens, speed = _chat(path, chat)
+    reply, prompt_tokens, speed = _chat(path, chat) if chat else ("", None, None)
     return phone.Run(steps, np.concatenate(prefilled), 0, reply, prompt_tokens, speed)
 
 

@@ -173,7 +173,8 @@ def _bundle(path: Path, program: Path, metadata: Path, converted: Path, kind: st
             bundle.build(f)
 
 
-def verify_litert(tmp: Path, kind: str, reference, chat: phone.Chat, note: str = "") -> Verification:
+def verify_litert(tmp: Path, kind: str, reference, chat: phone.Chat | None,
+                  note: str = "") -> Verification:
     """Run tmp/model-<kind>.litertlm's program in LiteRT and chat through LiteRT-LM; the report row."""
     from edgetune.export.litert_runtime import run
 

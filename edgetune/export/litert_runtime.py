@@ -13,7 +13,7 @@ from edgetune.export import phone
 DECODE = "decode"
 
 
-def run(path: Path, ids: list[int], chat: phone.Chat) -> phone.Run:
+def run(path: Path, ids: list[int], chat: phone.Chat | None) -> phone.Run:
     """Step-by-step and prefill logits of the bundle's program over `ids`, and its chat reply."""
     import numpy as np
 
@@ -25,7 +25,7 @@ def run(path: Path, ids: list[int], chat: phone.Chat) -> phone.Run:
     # The prefill signature returns no logits (the runtime samples from decode): what it wrote into
     # the cache is checked by the decode steps that read it.
     prefilled = np.stack([program.decode(ids[i], i) for i in range(split, end)])
-    reply, prompt_tokens, speed = converse(path, chat)
+    reply, prompt_tokens, speed = converse(path, chat) if chat else ("", None, None)
     return phone.Run(steps, prefilled, split, reply, prompt_tokens, speed)
 
 

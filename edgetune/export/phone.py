@@ -105,25 +105,27 @@ class Chat:
     stop_ids: list[int]
 
 
-def chat_reference(model_dir: Path, tokenizer) -> Chat:
-    """torch's greedy reply to CHAT_QUESTION through the chat template, up to CHAT_TOKENS tokens."""
+def chat_reference(model_dir: Path, tokenizer) -> Chat | None:
+    """torch's greedy reply to CHAT_QUESTION through the chat template, up to CHAT_TOKENS tokens;
+    None for a model without a chat template (nothing to render the question with)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from edgetune.export.gguf_vocab import chat_stops
 
+    if not tokenizer.chat_template:
+        return None
     messages = [{"role": "user", "content": CHAT_QUESTION}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    stops = chat_stops(tokenizer)
-    stop_ids = [tokenizer.convert_tokens_to_ids(t) for t in stops]
+    stops = stop_ids(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=CHAT_TOKENS, do_sample=False, eos_token_id=stop_ids,
-                             pad_token_id=stop_ids[-1])
+                             max_new_tokens=CHAT_TOKENS, do_sample=False, eos_token_id=stops,
+                             pad_token_id=stops[-1])
     reply = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
-    return Chat(messages, prompt, len(ids), reply, stops, stop_ids)
+    return Chat(messages, prompt, len(ids), reply, chat_stops(tokenizer), stops)
 
 
 def reply_text(text: str, chat: Chat) -> str:
@@ -189,7 +191,7 @@ def kl_divergence(ref_logits, logits):
     return np.maximum((np.exp(ref) * (ref - got)).sum(-1), 0.0)
 
 
-def verification(file: str, fmt: str, kind: str, size: int, run: Run, reference, chat: Chat,
+def verification(file: str, fmt: str, kind: str, size: int, run: Run, reference, chat: Chat | None,
                  note: str = "") -> Verification:
     """The report row of one phone file: the shared comparison of its step-by-step logits with torch,
     then the prefill and chat checks, each of which can fail the file."""
@@ -209,20 +211,30 @@ def verification(file: str, fmt: str, kind: str, size: int, run: Run, reference,
     if not prefill <= PREFILL_MAX_KLD:
         failures.append(f"the prefill path differs from step-by-step decoding (mean KLD {prefill:.2e} "
                         f"> {PREFILL_MAX_KLD:g} nats)")
-    same = skeleton(run.reply) == skeleton(chat.reply)
-    notes.append(f"chat: {_quote(run.reply)}" + (" (torch's reply)" if same else
-                                                  f", torch: {_quote(chat.reply)}"))
-    if run.prompt_tokens is not None and run.prompt_tokens != chat.prompt_tokens:
-        failures.append(f"the runtime read the chat prompt as {run.prompt_tokens} tokens, torch as "
-                        f"{chat.prompt_tokens}: the file's tokenizer or template differs")
-    if kind == "fp32" and not same:
-        failures.append("its greedy chat reply differs from torch's")
+    failures += _chat_failures(kind, run, chat, notes)
     row.note = "; ".join(notes + failures)
     if failures:
         row.passed = False
         if hasattr(row, "failures"):
             row.failures.extend(failures)
     return row
+
+
+def _chat_failures(kind: str, run: Run, chat: Chat | None, notes: list[str]) -> list[str]:
+    """The chat check: notes the reply beside torch's; what fails the file."""
+    if chat is None:
+        notes.append("no chat template: the chat check was skipped")
+        return []
+    same = skeleton(run.reply) == skeleton(chat.reply)
+    notes.append(f"chat: {_quote(run.reply)}" + (" (torch's reply)" if same else
+                                                  f", torch: {_quote(chat.reply)}"))
+    failures = []
+    if run.prompt_tokens is not None and run.prompt_tokens != chat.prompt_tokens:
+        failures.append(f"the runtime read the chat prompt as {run.prompt_tokens} tokens, torch as "
+                        f"{chat.prompt_tokens}: the file's tokenizer or template differs")
+    if kind == "fp32" and not same:
+        failures.append("its greedy chat reply differs from torch's")
+    return failures
 
 
 def skeleton(text: str) -> str:
