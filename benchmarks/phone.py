@@ -3,6 +3,7 @@
     python benchmarks/phone.py [--executorch fp32,8da4w,8da8w] [--litert fp32,int8,int4] [--ctx 2048]
                                [--model smollm2-135m] [--out DIR]
     python benchmarks/phone.py --recipes dynamic_wi8_afp32,weight_only_wi8_afp32 --bundle model-fp32.litertlm
+    python benchmarks/phone.py --speed DIR [--repeats 3]
 
 Runs `edgetune export` once per runtime in a fresh process (its wall and CPU seconds come from wait4) and
 prints each file's row of report.json: size, top-1 agreement with torch step by step, mean KL divergence,
@@ -12,6 +13,10 @@ is printed beside each run: on a shared machine the CPU seconds are the steadier
 
 --recipes compares ai-edge-quantizer recipes on the fp32 program of an exported bundle, step by step in
 LiteRT against torch on the same held-out text: how the LiteRT types were chosen.
+
+--speed times decoding of every .pte and .litertlm under DIR through each runtime's own generation API
+(ExecuTorch's TextLLMRunner, LiteRT-LM's Conversation; 32 greedy tokens of a story), interleaved and
+repeated, and prints the medians.
 """
 
 import argparse
@@ -107,6 +112,39 @@ def compare_recipes(bundle: Path, recipes: list[str], model: str) -> None:
                   f"{kl_divergence(reference.logits, logits).mean():.4f} | {ratio:.3f} | {rate:.1f} |")
 
 
+STORY = "Write a short story about a robot who learns to paint."
+
+
+def decode_speeds(root: Path, repeats: int, model: str) -> None:
+    """Median decode tokens/s of each file under `root` in its runtime, runs interleaved."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from transformers import AutoTokenizer
+
+    from edgetune import models
+    from edgetune.export import phone
+    from edgetune.export.executorch import runner_chat
+    from edgetune.export.litert_runtime import converse
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
+    messages = [{"role": "user", "content": STORY}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat = phone.Chat(messages, prompt, 0, "", ["<|im_end|>"], phone.stop_ids(tokenizer))
+    files = sorted(root.glob("**/model.pte")) + sorted(root.glob("**/*.litertlm"))
+    speeds: dict = {f: [] for f in files}
+    loads = []
+    for _ in range(repeats):
+        for file in files:
+            loads.append(os.getloadavg()[0])
+            with phone.native_output():
+                _, _, rate = runner_chat(file, chat) if file.suffix == ".pte" else converse(file, chat)
+            speeds[file].append(rate or float("nan"))
+    print(f"load average {min(loads):.1f}-{max(loads):.1f} (2 cores)\n| file | decode tok/s (median of "
+          f"{repeats}) | runs |\n|---|---|---|")
+    for file, rates in speeds.items():
+        runs = ", ".join(f"{r:.1f}" for r in rates)
+        print(f"| {file.relative_to(root)} | {sorted(rates)[len(rates) // 2]:.1f} | {runs} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -116,7 +154,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the exports here")
     parser.add_argument("--recipes", default="", help="compare ai-edge-quantizer recipes instead")
     parser.add_argument("--bundle", type=Path, help="an fp32 .litertlm (with --recipes)")
+    parser.add_argument("--speed", type=Path, help="time decoding of the files under this folder")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.speed:
+        decode_speeds(args.speed, args.repeats, args.model)
+        return
     if args.recipes:
         compare_recipes(args.bundle, args.recipes.split(","), args.model)
         return

@@ -146,11 +146,11 @@ def _run(path: Path, ids: list[int], chat: phone.Chat | None) -> phone.Run:
     prefilled = [call(ids[:split], 0)]  # every position's logits come out of the prefill
     for i in range(split, min(split + phone.DECODE_AFTER_PREFILL, len(ids) - 1)):
         prefilled.append(call([ids[i]], i))
-    reply, prompt_tokens, speed = _chat(path, chat) if chat else ("", None, None)
+    reply, prompt_tokens, speed = runner_chat(path, chat) if chat else ("", None, None)
     return phone.Run(steps, np.concatenate(prefilled), 0, reply, prompt_tokens, speed)
 
 
-def _chat(path: Path, chat: phone.Chat) -> tuple[str, int | None, float | None]:
+def runner_chat(path: Path, chat: phone.Chat) -> tuple[str, int | None, float | None]:
     """(reply, prompt tokens, decode tokens/s) from ExecuTorch's TextLLMRunner, greedy."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
