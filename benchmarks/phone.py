@@ -94,7 +94,7 @@ def compare_recipes(bundle: Path, recipes: list[str], model: str) -> None:
     from edgetune.metrics import perplexity
 
     model_dir = models.resolve(model)
-    ids = held_out_ids(AutoTokenizer.from_pretrained(model_dir), None, 256)
+    ids = held_out_ids(AutoTokenizer.from_pretrained(model_dir), [], 256)
     reference = torch_reference(model_dir, ids)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.tflite"

@@ -126,7 +126,7 @@ def test_prefill_and_chat_checks_can_fail_a_file(tiny_model):
     from edgetune.export.heldout import held_out_ids
     from edgetune.export.verify import torch_reference
 
-    reference = torch_reference(tiny_model, held_out_ids(AutoTokenizer.from_pretrained(tiny_model), None, 16))
+    reference = torch_reference(tiny_model, held_out_ids(AutoTokenizer.from_pretrained(tiny_model), [], 16))
     chat = phone.Chat([], "prompt", 10, "Paris.", ["<|im_end|>"], [2])
     good = phone.Run(reference.logits, reference.logits[4:8], 4, "Paris.", 10, 5.0)
 
