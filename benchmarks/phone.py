@@ -4,6 +4,7 @@
                                [--model smollm2-135m] [--out DIR]
     python benchmarks/phone.py --recipes dynamic_wi8_afp32,weight_only_wi8_afp32 --bundle model-fp32.litertlm
     python benchmarks/phone.py --speed DIR [--repeats 3]
+    python benchmarks/phone.py --torch-quant 8da4w,8da8w
 
 Runs `edgetune export` once per runtime in a fresh process (its wall and CPU seconds come from wait4) and
 prints each file's row of report.json: size, top-1 agreement with torch step by step, mean KL divergence,
@@ -17,6 +18,10 @@ LiteRT against torch on the same held-out text: how the LiteRT types were chosen
 --speed times decoding of every .pte and .litertlm under DIR through each runtime's own generation API
 (ExecuTorch's TextLLMRunner, LiteRT-LM's Conversation; 32 greedy tokens of a story), interleaved and
 repeated, and prints the medians.
+
+--torch-quant quantizes the torch model with torchao as the ExecuTorch export does and measures it in
+torch on the same held-out ids (top-1, mean KLD, perplexity ratio) with its greedy chat reply: the
+quantization's own loss, which no export of that type can undo.
 """
 
 import argparse
@@ -112,6 +117,42 @@ def compare_recipes(bundle: Path, recipes: list[str], model: str) -> None:
                   f"{kl_divergence(reference.logits, logits).mean():.4f} | {ratio:.3f} | {rate:.1f} |")
 
 
+def torch_quantization(kinds: list[str], model: str) -> None:
+    """The loss of torchao's ExecuTorch types in plain torch, before any export: what a .pte of that
+    type can at best reach (the same held-out ids and chat question as verification)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetune import models
+    from edgetune.export import phone
+    from edgetune.export.executorch import _quantize
+    from edgetune.export.gate import distance
+    from edgetune.export.heldout import held_out_ids
+    from edgetune.export.verify import torch_reference
+    from edgetune.metrics import perplexity
+
+    model_dir = models.resolve(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = held_out_ids(tokenizer, [], 256)
+    reference = torch_reference(model_dir, ids)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": phone.CHAT_QUESTION}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+    print(f"load average {os.getloadavg()[0]:.1f} (2 cores)\n| type (torch, not exported) | top-1 | "
+          "mean KLD | ppl ratio | greedy chat reply |\n|---|---|---|---|---|")
+    for kind in kinds:
+        net = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        _quantize(net, kind)
+        with torch.no_grad():
+            logits = net(torch.tensor([ids])).logits[0, :-1].float().numpy()
+            out = net.generate(prompt, max_new_tokens=phone.CHAT_TOKENS, do_sample=False)
+        d = distance(logits, reference.logits)
+        reply = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+        print(f"| {kind} | {d.top1.mean():.1%} | {d.kld.mean():.4f} | "
+              f"{perplexity(logits, ids[1:]) / reference.perplexity:.3f} | {reply!r} |")
+
+
 STORY = "Write a short story about a robot who learns to paint."
 
 
@@ -156,7 +197,12 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="an fp32 .litertlm (with --recipes)")
     parser.add_argument("--speed", type=Path, help="time decoding of the files under this folder")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-quant", default="", help="measure these ExecuTorch types in plain "
+                        "torch instead (e.g. 8da4w,8da8w)")
     args = parser.parse_args()
+    if args.torch_quant:
+        torch_quantization(args.torch_quant.split(","), args.model)
+        return
     if args.speed:
         decode_speeds(args.speed, args.repeats, args.model)
         return
