@@ -12,6 +12,7 @@ from conftest import CHATML, build_adapter, requires_smollm2
 
 from edgetune import cli
 from edgetune.export import phone
+from edgetune.runfiles import EXPORT_CONFIG
 
 ET_MISSING = phone.missing("executorch")
 LITERT_MISSING = phone.missing("litert")
@@ -197,9 +198,9 @@ def test_litert_round_trip(adapter_run, tmp_path):
 
     program = Program(tflite_bytes(tmp_path / "out" / "model-fp32.litertlm"))
     assert (program.length, program.prefill_length, program.vocab) == (128, 128, 300)
-    # nothing but the bundles and the report: no intermediate program, no runtime weight cache
+    # nothing but the bundles, the report and the settings: no intermediate program, no runtime cache
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"model-fp32.litertlm", "model-int8.litertlm",
-                                                              "report.json", "report.md"}
+                                                              "report.json", "report.md", EXPORT_CONFIG}
 
 
 @pytest.mark.slow
