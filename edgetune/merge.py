@@ -8,6 +8,7 @@ edgetune_run.yaml naming the base and the merge), so `export`, `run`, `--gguf-ad
 update, whatever alphas and rsLoRA settings the inputs had.
 """
 
+import contextlib
 import math
 import os
 import shutil
@@ -18,14 +19,20 @@ from pathlib import Path
 
 import yaml
 
+from edgetune import folders
 from edgetune.config import option
 from edgetune.errors import EdgetuneError
 from edgetune.export.algebra import DENSITY_METHODS, METHODS
+from edgetune.export.command import run_lock
 from edgetune.runfiles import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_RECORD, RUN_CONFIG, TOKENIZER
+from edgetune.signals import stop_on_signals
+from edgetune.units import format_size
 
 DEFAULT_DENSITY = 0.5
 LORA_METHODS = ("lora", "rslora")  # run `method:` values whose adapter is a plain LoRA (B @ A)
 _PEFT_KEY = "base_model.model.{module}.lora_{side}.weight"
+# What marks an output as edgetune's, so that --force may replace it: a run, or a --full merge.
+MERGE_MARKERS = {RUN_CONFIG: "run settings", MERGE_RECORD: "merge record"}
 
 
 @dataclass(frozen=True)
@@ -304,23 +311,14 @@ def record(config: MergeConfig, inputs: list[Input], ranks: dict[str, int],
 
 
 def check_output(out: Path, config: MergeConfig, inputs: list[Input]) -> None:
-    """Refuse an output that exists (without --force), that edgetune did not make, or that holds an
-    input run (replacing it would delete what is being merged)."""
+    """Refuse an output that holds an input run (replacing it would delete what is being merged),
+    that edgetune did not make, or that exists without --force."""
     for item in inputs:
         if out.resolve() in (item.run.resolve(), *item.run.resolve().parents):
             raise EdgetuneError(f"--output {out} holds the input run {item.run}: choose another folder")
-    if not out.exists():
-        return
-    if not config.force:
+    if folders.inspect_output(out, MERGE_MARKERS) == "ours" and not config.force:
         raise EdgetuneError(f"output folder {out} exists: pass --force to replace it or --output "
                             "elsewhere")
-    if not out.is_dir():
-        raise EdgetuneError(f"--output {out} is a file, not a folder: choose another --output")
-    entries = sorted(p.name for p in out.iterdir())
-    if entries and not ((out / RUN_CONFIG).is_file() or (out / MERGE_RECORD).is_file()):
-        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise EdgetuneError(f"--output {out} holds {shown}, which edgetune did not make (no {RUN_CONFIG}"
-                            f" or {MERGE_RECORD}): refusing to replace it; choose another --output")
 
 
 def energy_summary(energies: dict[str, float], ranks: dict[str, int]) -> str:
@@ -332,52 +330,70 @@ def energy_summary(energies: dict[str, float], ranks: dict[str, int]) -> str:
             f"lowest: {named}")
 
 
-def _say(message: str) -> None:
-    print(f"edgetune: {message}", flush=True)
-
-
 def main(config: MergeConfig) -> int:
-    from edgetune.export.command import publish
-    from edgetune.plan.merge import merge_peak
-    from edgetune.shape import shape_from_model_dir
     from edgetune.train.heap import peak_rss
-    from edgetune.units import format_size
 
     out = Path(config.output).expanduser()
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
-    inputs = read_inputs(config)
-    check_output(out, config, inputs)
-    ranks = {} if config.full else output_ranks(config, inputs)
+    with stop_on_signals():
+        inputs = read_inputs(config)
+        check_output(out, config, inputs)
+        ranks = {} if config.full else output_ranks(config, inputs)
+        _say_plan(config, inputs, ranks)
+        with folders.disk_errors(out.parent):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with contextlib.ExitStack() as locks:
+            for item in inputs:  # no training may rewrite an input meanwhile
+                locks.enter_context(run_lock(item.source))
+            locks.enter_context(folders.sibling_lock(out, f"merge output {out}", verb="edgetune merge"))
+            check_output(out, config, inputs)
+            folders.remove_leftovers(out.parent, prefix=f".{out.name}.")
+            energies = _write(config, inputs, ranks, out)
+    if energies:
+        print(f"edgetune: {energy_summary(energies, ranks)}")
+    print(f"edgetune: merged {len(inputs[0].adapter.names)} layers in "
+          f"{time.perf_counter() - started:.1f} s, peak memory {format_size(peak_rss())}; wrote {out}")
+    return 0
+
+
+def _say_plan(config: MergeConfig, inputs: list[Input], ranks: dict[str, int]) -> None:
+    """What will be merged, and the planner's peak memory for it."""
+    from edgetune.plan.merge import merge_peak
+    from edgetune.shape import shape_from_model_dir
+
     shape = shape_from_model_dir(inputs[0].source.model_dir)
     input_ranks = [max(i.adapter.rank(n) for n in i.adapter.names) for i in inputs]
     predicted = merge_peak(shape, input_ranks, config.method, config.full)
     target = "a full model" if config.full else f"rank {adapter_settings({}, ranks)['r']}"
     weights = ", ".join(f"{w:g}" for w in config.weight_list)
-    _say(f"merging {len(inputs)} runs ({config.method}, weights {weights}) into {target}; "
-         f"predicted peak memory {format_size(predicted)}")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started = time.perf_counter()
+    folders.say(f"merging {len(inputs)} runs ({config.method}, weights {weights}) into {target}; "
+                f"predicted peak memory {format_size(predicted)}")
+
+
+def _write(config: MergeConfig, inputs: list[Input], ranks: dict[str, int], out: Path) -> dict:
+    """Write the merge into a temporary folder beside `out`, then publish it; the energy kept."""
+    from edgetune.export.command import publish
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    energies: dict[str, float] = {}
     try:
-        energies = {}
-        if config.full:
-            write_full(inputs, config, tmp)
-        else:
-            energies = write_adapter(inputs, config, ranks, tmp)
-            if (inputs[0].run / TOKENIZER).is_dir():
-                shutil.copytree(inputs[0].run / TOKENIZER, tmp / TOKENIZER)
-        saved = record(config, inputs, ranks, energies)
-        (tmp / (MERGE_RECORD if config.full else RUN_CONFIG)).write_text(
-            yaml.safe_dump(saved, sort_keys=False))
-        publish(tmp, out)
+        with folders.disk_errors(out.parent, cleanup=[tmp]):
+            tmp.mkdir()
+            if config.full:
+                write_full(inputs, config, tmp)
+            else:
+                energies = write_adapter(inputs, config, ranks, tmp)
+                if (inputs[0].run / TOKENIZER).is_dir():
+                    shutil.copytree(inputs[0].run / TOKENIZER, tmp / TOKENIZER)
+            saved = record(config, inputs, ranks, energies)
+            (tmp / (MERGE_RECORD if config.full else RUN_CONFIG)).write_text(
+                yaml.safe_dump(saved, sort_keys=False))
+            folders.fsync_tree(tmp)
+            publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if energies:
-        _say(energy_summary(energies, ranks))
-    _say(f"merged {len(inputs[0].adapter.names)} layers in {time.perf_counter() - started:.1f} s, "
-         f"peak memory {format_size(peak_rss())}; wrote {out}")
-    return 0
+    return energies

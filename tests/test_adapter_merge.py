@@ -59,7 +59,7 @@ def test_linear_at_the_sum_of_ranks_is_exact(tiny_model, runs, tmp_path, capsys)
     assert saved["merge"]["weights"] == list(WEIGHTS) and saved["merge"]["method"] == "linear"
     assert saved["merge"]["inputs"] == [str(r.resolve()) for r in runs]
     assert "energy kept at rank 8: min 100.00%" in capsys.readouterr().out
-    assert not list(tmp_path.glob("ab.tmp-*"))
+    assert not list(tmp_path.glob(".ab.*"))
 
 
 def test_the_merged_run_is_a_peft_adapter(tiny_model, runs, tmp_path):
@@ -246,7 +246,7 @@ def test_bad_merges_are_refused_in_one_line(case, args, expected, runs, odd_runs
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("edgetune: "), err
     assert expected in lines[0], lines[0]
-    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
 @pytest.mark.parametrize("where", ["the run", "its parent"])
