@@ -3,8 +3,8 @@
 The merge holds one layer at a time: each input's dense update of that layer (fp32), the copies the
 combination makes of them, and the SVD's float64 work on the result. The input adapters are
 memory-mapped and read a layer at a time (their touched pages count as resident); the output adapter
-is streamed to disk. `--full` streams the base checkpoint through as well: its mapped pages and the
-largest base tensor with its merged copy come on top.
+is streamed to disk. `--full` streams the base checkpoint through as well: its mapped pages stay
+resident until the end (clean file pages, which the kernel drops under memory pressure).
 """
 
 from edgetune.shape import DTYPE_BYTES, ModelShape
@@ -33,9 +33,7 @@ def merge_terms(shape: ModelShape, ranks: list[int], method: str, full: bool = F
     if method == "cat" and not full:
         terms["one layer's factors"] = 4 * max(a + b for a, b in shape.linears()) * sum(ranks)
     if full:
-        file_bytes = DTYPE_BYTES.get(shape.file_dtype, 4)
-        terms["base checkpoint (mapped)"] = file_bytes * shape.params
-        terms["largest base tensor and its merge"] = 2 * 4 * max(largest, shape.token_embedding_params)
+        terms["base checkpoint (mapped)"] = DTYPE_BYTES.get(shape.file_dtype, 4) * shape.params
     return terms
 
 
