@@ -30,14 +30,14 @@ from _common import run_train, smollm2_dir  # noqa: E402
 TASKS = ("dates", "fields")
 TRAIN = ["--model", "smollm2-135m", "--steps", "40", "--batch-size", "8", "--lr", "1e-3",
          "--seq-len", "256", "--eval-every", "0"]  # the quick start's settings
-MERGES = {  # row name: edgetune merge flags
+MERGES = {  # row name: edgetune merge flags, in the order they are measured
     "linear (1, 1)": ["--method", "linear"],
-    "linear (0.5, 0.5)": ["--method", "linear", "--weights", "0.5,0.5"],
-    "svd rank 16": ["--method", "svd", "--rank", "16"],
     "ties d=0.5": ["--method", "ties", "--density", "0.5"],
     "dare_ties d=0.5": ["--method", "dare_ties", "--density", "0.5"],
     "dare_linear d=0.5": ["--method", "dare_linear", "--density", "0.5"],
+    "svd rank 16": ["--method", "svd", "--rank", "16"],
     "cat (1, 1)": ["--method", "cat"],
+    "linear (0.5, 0.5)": ["--method", "linear", "--weights", "0.5,0.5"],
 }
 STACK = "stacked in llama.cpp (1, 1)"
 
@@ -130,8 +130,6 @@ def measure(work: Path, eval_size: int, threads: int, fresh: bool) -> dict:
         saved.write_text(json.dumps(results, indent=2) + "\n")
         print(f"  {name}: {json.dumps(row)}", flush=True)
 
-    if "base model" not in results:
-        keep("base model", {"scores": torch_scores(model_dir, None, records)})
     for task, run in runs.items():
         if f"{task} adapter alone" not in results:
             keep(f"{task} adapter alone", {"scores": torch_scores(model_dir, run, records)})
@@ -142,6 +140,8 @@ def measure(work: Path, eval_size: int, threads: int, fresh: bool) -> dict:
             keep(name, {**row, "scores": torch_scores(model_dir, out, records)})
     if STACK not in results:
         keep(STACK, {"scores": stacked_scores(model_dir, runs, records, work)})
+    if "base model" not in results:  # last: the table's rows that matter come first
+        keep("base model", {"scores": torch_scores(model_dir, None, records)})
     results["_meta"] = {"eval_size": eval_size, "threads": threads,
                         "base_checkpoint_bytes": sum(f.stat().st_size
                                                      for f in model_dir.glob("*.safetensors")),

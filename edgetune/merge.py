@@ -240,6 +240,7 @@ def merged_factors(inputs: list[Input], config: MergeConfig, ranks: dict[str, in
     """(PEFT key, tensor) of the merged adapter, A then B, one layer at a time; fills `energies`."""
     from edgetune.export.algebra import concatenate, factor
 
+    alpha = common_rank(ranks)
     for index, name in enumerate(inputs[0].adapter.names):
         if config.method == "cat":
             a, b = concatenate(_pairs(inputs, name), config.weight_list)
@@ -248,6 +249,8 @@ def merged_factors(inputs: list[Input], config: MergeConfig, ranks: dict[str, in
             update = merged_update(inputs, config, name, index)
             a, b, kept = factor(update, ranks[name], _layer_seed(config.seed, index))
             del update
+        if ranks[name] != alpha:  # this module's scale is alpha / its rank: B carries the inverse
+            b = b * (ranks[name] / alpha)
         energies[name] = kept
         module = name.removesuffix(".weight")
         yield _PEFT_KEY.format(module=module, side="A"), a
@@ -274,14 +277,21 @@ def write_adapter(inputs: list[Input], config: MergeConfig, ranks: dict[str, int
     return energies
 
 
+def common_rank(ranks: dict[str, int]) -> int:
+    """The most common of the merged ranks: the adapter's r and its lora_alpha."""
+    values = list(ranks.values())
+    return max(set(values), key=values.count)
+
+
 def adapter_settings(template: dict, ranks: dict[str, int]) -> dict:
     """The first input's adapter_config.json with the merged rank: r = lora_alpha (scale 1), and a
-    rank_pattern for modules whose rank differs from the most common one (cat of uneven ranks)."""
-    values = list(ranks.values())
-    rank = max(set(values), key=values.count)
+    rank_pattern for modules whose rank differs (cat of uneven ranks). There is no alpha_pattern:
+    one alpha for every module is what a GGUF adapter can hold (edgetune.export.gguf.adapter_alpha),
+    so those modules' B factors absorb their scale alpha / rank instead."""
+    rank = common_rank(ranks)
     pattern = {name.removesuffix(".weight"): r for name, r in ranks.items() if r != rank}
     return {**template, "r": rank, "lora_alpha": rank, "rank_pattern": pattern,
-            "alpha_pattern": dict(pattern), "use_rslora": False, "use_dora": False}
+            "alpha_pattern": {}, "use_rslora": False, "use_dora": False}
 
 
 def write_full(inputs: list[Input], config: MergeConfig, folder: Path) -> None:
@@ -297,7 +307,7 @@ def record(config: MergeConfig, inputs: list[Input], ranks: dict[str, int],
            energies: dict[str, float]) -> dict:
     """edgetune_run.yaml of the merged run: the base (so export needs nothing else) and the merge."""
     first = inputs[0].source
-    rank = adapter_settings({}, ranks)["r"] if ranks else None
+    rank = common_rank(ranks) if ranks else None
     merge = {"inputs": [str(i.run.resolve()) for i in inputs], "weights": config.weight_list,
              "method": config.method, "rank": rank, "density": config.density_value,
              "seed": config.seed, "full": config.full}
@@ -325,7 +335,7 @@ def energy_summary(energies: dict[str, float], ranks: dict[str, int]) -> str:
     """One line: the least and the median share of energy kept, and the three worst layers."""
     worst = sorted(energies.items(), key=lambda item: item[1])[:3]
     named = ", ".join(f"{name.removesuffix('.weight')} {kept:.2%}" for name, kept in worst)
-    return (f"energy kept at rank {adapter_settings({}, ranks)['r']}: min {worst[0][1]:.2%}, "
+    return (f"energy kept at rank {common_rank(ranks)}: min {worst[0][1]:.2%}, "
             f"median {statistics.median(energies.values()):.2%} over {len(energies)} layers; "
             f"lowest: {named}")
 
@@ -368,7 +378,7 @@ def _say_plan(config: MergeConfig, inputs: list[Input], ranks: dict[str, int]) -
     shape = shape_from_model_dir(inputs[0].source.model_dir)
     input_ranks = [max(i.adapter.rank(n) for n in i.adapter.names) for i in inputs]
     predicted = merge_peak(shape, input_ranks, config.method, config.full)
-    target = "a full model" if config.full else f"rank {adapter_settings({}, ranks)['r']}"
+    target = "a full model" if config.full else f"rank {common_rank(ranks)}"
     weights = ", ".join(f"{w:g}" for w in config.weight_list)
     folders.say(f"merging {len(inputs)} runs ({config.method}, weights {weights}) into {target}; "
                 f"predicted peak memory {format_size(predicted)}")

@@ -62,6 +62,20 @@ def test_linear_at_the_sum_of_ranks_is_exact(tiny_model, runs, tmp_path, capsys)
     assert not list(tmp_path.glob(".ab.*"))
 
 
+def test_linear_at_an_explicit_rank_of_the_sum_of_uneven_ranks(tiny_model, runs, tmp_path):
+    """Three runs of ranks 4, 4 and 2 (alpha 3) at --rank 10: the factors hold sum(w_i * dW_i)."""
+    third = as_run(build_adapter(tiny_model, tmp_path / "c", rank=2, alpha=3.0, seed=3), tiny_model)
+    out = tmp_path / "abc"
+    weights = (0.5, 0.3, 0.2)
+    assert merge(*runs, third, "--weights", "0.5,0.3,0.2", "--rank", "10", "--output", out) == 0
+    inputs = [updates(run) for run in (*runs, third)]
+    got = updates(out)
+    for name, value in got.items():
+        expected = sum(w * dw[name] for w, dw in zip(weights, inputs))
+        assert (value - expected).abs().max() <= 1e-6 * expected.abs().max(), name
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 10
+
+
 def test_the_merged_run_is_a_peft_adapter(tiny_model, runs, tmp_path):
     """PEFT loads the output; its logits equal PEFT's own model with both inputs at 0.6 and 0.4."""
     from peft import PeftModel
@@ -147,6 +161,35 @@ def test_cat_stacks_the_inputs_exactly(runs, tmp_path):
         assert (value - expected[name]).abs().max() <= 1e-6 * expected[name].abs().max()
 
 
+def test_cat_of_uneven_ranks_holds_one_alpha(tiny_model, runs, tmp_path):
+    """A run whose q_proj has rank 2 (PEFT's rank_pattern): cat gives q_proj rank 6 and the rest 8,
+    with one lora_alpha, so the merged run still exports as a GGUF adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.export.gguf import write_adapter_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                  rank_pattern={"q_proj": 2}, task_type="CAUSAL_LM"))
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "uneven")
+    uneven = as_run(tmp_path / "uneven", tiny_model)
+    out = tmp_path / "cat"
+    assert merge(runs[0], uneven, "--method", "cat", "--weights", "0.6,0.4", "--output", out) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["alpha_pattern"]) == (8, 8, {})
+    assert set(config["rank_pattern"].values()) == {6} and len(config["rank_pattern"]) == 2
+    expected = {k: 0.6 * v + 0.4 * updates(uneven)[k] for k, v in updates(runs[0]).items()}
+    for name, value in updates(out).items():
+        assert (value - expected[name]).abs().max() <= 1e-6 * expected[name].abs().max(), name
+    assert write_adapter_gguf(tiny_model, out, tmp_path / "cat.gguf") == 8.0  # the one alpha
+
+
 def test_full_writes_the_merged_model(tiny_model, runs, tmp_path):
     out = tmp_path / "full"
     assert merge(*runs, "--weights", "0.6,0.4", "--full", "--output", out) == 0
@@ -170,6 +213,44 @@ def test_a_merged_run_exports_and_merges_again(runs, tmp_path, capsys):
     again = tmp_path / "again"
     assert merge(out, runs[0], "--method", "svd", "--output", again) == 0
     assert json.loads((again / "adapter_config.json").read_text())["r"] == 8  # the largest input
+
+
+def test_a_merged_run_runs_in_llama_cpp_like_its_inputs_stacked(tiny_model, runs, tmp_path, capsys):
+    """The merged run exported as an adapter GGUF (`--gguf-adapter`) and as a merged f16 GGUF, each
+    verified by export, and `edgetune run` with the adapter: llama.cpp gives the logits of the two
+    input adapters stacked at 0.6 and 0.4."""
+    import numpy as np
+
+    from edgetune.export.gguf import write_adapter_gguf
+    from edgetune.export.llama import gguf_logits
+
+    out = tmp_path / "ab"
+    assert merge(*runs, "--weights", "0.6,0.4", "--output", out) == 0
+    assert cli.main(["export", str(out), "--gguf", "f16", "--gguf-adapter", "--positions", "64"]) == 0
+    report = json.loads((out / "export" / "report.json").read_text())
+    assert [row["passed"] for row in report] == [True, True], report
+    ggufs = {p.name: p for p in (out / "export").glob("*.gguf")}
+    adapter = next(p for name, p in ggufs.items() if "adapter" in name)
+    base = next(p for name, p in ggufs.items() if "adapter" not in name and "f16" in name)
+    for run in runs:
+        write_adapter_gguf(tiny_model, run, tmp_path / f"{run.name}.gguf")
+    ids = [int(i) for i in np.random.default_rng(3).integers(3, 250, 48)]
+    inputs = [(tmp_path / "a.gguf", 0.6), (tmp_path / "b.gguf", 0.4)]
+    stacked, _ = gguf_logits(base, ids, adapters=inputs)
+    merged, _ = gguf_logits(base, ids, lora=adapter)
+    alone, _ = gguf_logits(base, ids, lora=tmp_path / "a.gguf")
+    assert np.abs(merged - stacked).max() < 2e-3  # f16 activations; the updates are equal
+    assert np.abs(alone - stacked).max() > 0.05  # the second input matters
+    assert cli.main(["run", str(base), "--prompt", "Hi", "--max-tokens", "4", "--lora", str(adapter)]) == 0
+
+
+def test_a_full_merge_exports_as_a_model(runs, tmp_path):
+    out = tmp_path / "full"
+    assert merge(*runs, "--weights", "0.6,0.4", "--full", "--output", out) == 0
+    assert cli.main(["export", str(out), "--gguf", "f16", "--positions", "64",
+                     "--output", str(tmp_path / "exported")]) == 0
+    report = json.loads((tmp_path / "exported" / "report.json").read_text())
+    assert report[0]["passed"], report
 
 
 def test_force_replaces_only_edgetune_folders(runs, tmp_path, capsys):
