@@ -24,11 +24,13 @@ from edgetune.config import option
 from edgetune.errors import EdgetuneError
 from edgetune.export.algebra import DENSITY_METHODS, METHODS
 from edgetune.export.command import run_lock
-from edgetune.runfiles import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MERGE_RECORD, RUN_CONFIG, TOKENIZER
+from edgetune.runfiles import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHAT_TEMPLATE, MERGE_RECORD, RUN_CONFIG,
+                               TOKENIZER)
 from edgetune.signals import stop_on_signals
 from edgetune.units import format_size
 
 DEFAULT_DENSITY = 0.5
+DATA_SETTINGS = ("data", "eval_data", "eval_split", "seed", "seq_len")  # carried into the merged run
 LORA_METHODS = ("lora", "rslora")  # run `method:` values whose adapter is a plain LoRA (B @ A)
 _PEFT_KEY = "base_model.model.{module}.lora_{side}.weight"
 # What marks an output as edgetune's, so that --force may replace it: a run, or a --full merge.
@@ -314,10 +316,23 @@ def record(config: MergeConfig, inputs: list[Input], ranks: dict[str, int],
     if energies:
         merge["energy_kept"] = {"min": round(min(energies.values()), 6),
                                 "median": round(statistics.median(energies.values()), 6)}
-    saved = {"model": first.model_ref, "cache_dir": config.cache_dir, "eval_data": (first.run_config or {}).get("eval_data")}
+    # The first run's data: what export verifies on and calibrates an importance matrix with.
+    trained = {k: v for k, v in (first.run_config or {}).items() if k in DATA_SETTINGS}
+    saved = {"model": first.model_ref, "cache_dir": config.cache_dir, **trained}
     if not config.full:
         saved.update(method="lora", rank=rank, alpha=rank)
     return {**saved, "merge": merge}
+
+
+def chat_template(inputs: list[Input]) -> str | None:
+    """The chat template the first run trained with (None: the model's own); a run that trained
+    with another one is named, since the merged adapter answers in one format only."""
+    first = inputs[0].source.chat_template
+    for item in inputs[1:]:
+        if item.source.chat_template != first:
+            folders.say(f"{item.run} trained with another chat template than {inputs[0].run}; "
+                        f"the merged run uses {inputs[0].run}'s")
+    return first
 
 
 def check_output(out: Path, config: MergeConfig, inputs: list[Input]) -> None:
@@ -399,6 +414,9 @@ def _write(config: MergeConfig, inputs: list[Input], ranks: dict[str, int], out:
                 energies = write_adapter(inputs, config, ranks, tmp)
                 if (inputs[0].run / TOKENIZER).is_dir():
                     shutil.copytree(inputs[0].run / TOKENIZER, tmp / TOKENIZER)
+            template = chat_template(inputs)
+            if template is not None:  # a run's file and a model folder's own template: one name
+                (tmp / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
             saved = record(config, inputs, ranks, energies)
             (tmp / (MERGE_RECORD if config.full else RUN_CONFIG)).write_text(
                 yaml.safe_dump(saved, sort_keys=False))

@@ -253,6 +253,22 @@ def test_a_full_merge_exports_as_a_model(runs, tmp_path):
     assert report[0]["passed"], report
 
 
+def test_the_merged_run_keeps_the_first_runs_template_and_data(tiny_model, runs, tmp_path, capsys):
+    """Export reads the run's chat template and data (held-out text, imatrix calibration)."""
+    import shutil
+
+    first = shutil.copytree(runs[0], tmp_path / "first")
+    as_run(first, tiny_model, data="/data/a.jsonl", eval_split=0.1, seq_len=128, steps=40)
+    (first / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    out = tmp_path / "ab"
+    assert merge(first, runs[1], "--output", out) == 0
+    assert (out / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}"
+    assert f"{runs[1]} trained with another chat template than {first}" in capsys.readouterr().err
+    saved = yaml.safe_load((out / "edgetune_run.yaml").read_text())
+    assert (saved["data"], saved["eval_split"], saved["seq_len"]) == ("/data/a.jsonl", 0.1, 128)
+    assert "steps" not in saved  # the merged run was not trained
+
+
 def test_force_replaces_only_edgetune_folders(runs, tmp_path, capsys):
     out = tmp_path / "ab"
     assert merge(*runs, "--output", out) == 0
