@@ -1,6 +1,6 @@
 """Adapter algebra on SmolLM2-135M: which merge keeps both skills, and what merging costs.
 
-    python benchmarks/merge.py [--work DIR] [--eval-size 100] [--threads 1] [--fresh]
+    python benchmarks/merge.py [--work DIR] [--eval-size 100] [--threads 1] [--fresh] [--table]
 
 Two adapters are trained as `edgetune quickstart` trains (40 steps of 8 at lr 1e-3, rank 16, alpha 32):
 one on the dates task (edgetune.examples.dates), one on the field-extraction task
@@ -36,6 +36,8 @@ MERGES = {  # row name: edgetune merge flags, in the order they are measured
     "dare_ties d=0.5": ["--method", "dare_ties", "--density", "0.5"],
     "dare_linear d=0.5": ["--method", "dare_linear", "--density", "0.5"],
     "svd rank 16": ["--method", "svd", "--rank", "16"],
+}
+LATER = {  # measured after stacking: cat is linear's update exactly (tested); the halved sum
     "cat (1, 1)": ["--method", "cat"],
     "linear (0.5, 0.5)": ["--method", "linear", "--weights", "0.5,0.5"],
 }
@@ -127,26 +129,31 @@ def measure(work: Path, eval_size: int, threads: int, fresh: bool) -> dict:
 
     def keep(name: str, row: dict) -> None:
         results[name] = row
+        # the table can be printed from what is kept so far (--table), so the meta goes in each time
+        results["_meta"] = {"eval_size": eval_size, "threads": threads,
+                            "base_checkpoint_bytes": sum(f.stat().st_size
+                                                         for f in model_dir.glob("*.safetensors")),
+                            "load_average": os.getloadavg()}
         saved.write_text(json.dumps(results, indent=2) + "\n")
         print(f"  {name}: {json.dumps(row)}", flush=True)
 
     for task, run in runs.items():
         if f"{task} adapter alone" not in results:
             keep(f"{task} adapter alone", {"scores": torch_scores(model_dir, run, records)})
-    for name, flags in MERGES.items():
-        if name not in results:
-            out = work / "merged" / re.sub(r"\W+", "-", name).strip("-")
-            row = run_merge(runs, flags, out, threads)
-            keep(name, {**row, "scores": torch_scores(model_dir, out, records)})
+
+    def merged(rows: dict) -> None:
+        for name, flags in rows.items():
+            if name not in results:
+                out = work / "merged" / re.sub(r"\W+", "-", name).strip("-")
+                row = run_merge(runs, flags, out, threads)
+                keep(name, {**row, "scores": torch_scores(model_dir, out, records)})
+
+    merged(MERGES)
     if STACK not in results:
         keep(STACK, {"scores": stacked_scores(model_dir, runs, records, work)})
+    merged(LATER)
     if "base model" not in results:  # last: the table's rows that matter come first
         keep("base model", {"scores": torch_scores(model_dir, None, records)})
-    results["_meta"] = {"eval_size": eval_size, "threads": threads,
-                        "base_checkpoint_bytes": sum(f.stat().st_size
-                                                     for f in model_dir.glob("*.safetensors")),
-                        "load_average": os.getloadavg()}
-    saved.write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 
@@ -183,10 +190,15 @@ def main() -> int:
     parser.add_argument("--eval-size", type=int, default=100, help="held-out records per task")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each merge")
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
+    parser.add_argument("--table", action="store_true",
+                        help="print the table of the rows measured so far, measuring nothing")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = measure(work, args.eval_size, args.threads, args.fresh)
+    if args.table:
+        results = json.loads((work / "results.json").read_text())
+    else:
+        results = measure(work, args.eval_size, args.threads, args.fresh)
     print("\n" + table(results))
     return 0
 
