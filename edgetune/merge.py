@@ -373,7 +373,7 @@ def main(config: MergeConfig) -> int:
         started = time.perf_counter()
         with contextlib.ExitStack() as locks:
             for item in inputs:  # no training may rewrite an input meanwhile
-                locks.enter_context(run_lock(item.source))
+                locks.enter_context(run_lock(item.source, verb="edgetune merge"))
             locks.enter_context(folders.sibling_lock(out, f"merge output {out}", verb="edgetune merge"))
             check_output(out, config, inputs)
             folders.remove_leftovers(out.parent, prefix=f".{out.name}.")

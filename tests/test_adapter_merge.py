@@ -269,6 +269,21 @@ def test_the_merged_run_keeps_the_first_runs_template_and_data(tiny_model, runs,
     assert "steps" not in saved  # the merged run was not trained
 
 
+def test_an_input_in_training_is_refused_and_merges_lock_names_merge(runs, tmp_path, capsys):
+    from edgetune import folders
+    from edgetune.errors import EdgetuneError
+    from edgetune.export.command import run_lock, run_source
+
+    with folders.folder_lock(runs[0], "run folder", verb="edgetune train"):
+        assert merge(*runs, "--output", tmp_path / "ab") == 1
+    assert "(edgetune train): wait for it to finish" in capsys.readouterr().err
+    assert not (tmp_path / "ab").exists()
+    with run_lock(run_source(runs[0]), verb="edgetune merge"):
+        with pytest.raises(EdgetuneError, match=r"in use by PID \d+ \(edgetune merge\)"):
+            with folders.folder_lock(runs[0], "run folder", verb="edgetune train"):
+                pass
+
+
 def test_force_replaces_only_edgetune_folders(runs, tmp_path, capsys):
     out = tmp_path / "ab"
     assert merge(*runs, "--output", out) == 0

@@ -143,14 +143,14 @@ def _check_output(config: ExportConfig, out: Path) -> None:
                             "or --output elsewhere")
 
 
-def run_lock(source: Source):
-    """The run folder's lock, when exporting an edgetune run: no training may write it meanwhile."""
+def run_lock(source: Source, verb: str = "edgetune export"):
+    """The run folder's lock while `verb` reads an edgetune run: no training may write it meanwhile."""
     from contextlib import nullcontext
 
     run = source.adapter_dir
     if run is None or not (run / RUN_CONFIG).is_file() or not os.access(run, os.W_OK):
         return nullcontext()  # (no process can train into a folder it cannot write)
-    return folders.folder_lock(run, f"run folder {run}", verb="edgetune export")
+    return folders.folder_lock(run, f"run folder {run}", verb=verb)
 
 
 def main(config: ExportConfig) -> int:
