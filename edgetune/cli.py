@@ -24,6 +24,8 @@ VERBS = {
                 "edgetune.distill.config:DistillConfig", "edgetune.distill.command"),
     "export": ("merge a run's adapter and write verified GGUF, ONNX, ExecuTorch or LiteRT-LM files",
                "edgetune.export.config:ExportConfig", "edgetune.export.command"),
+    "merge": ("combine several LoRA runs into one adapter (linear, TIES, DARE, SVD, cat)",
+              "edgetune.merge:MergeConfig", "edgetune.merge"),
     "run": ("chat with a GGUF model through llama.cpp",
             "edgetune.export.config:RunConfig", "edgetune.export.run"),
     "devices": ("list the device profiles export can target",

@@ -32,6 +32,7 @@ class Source:
     run_config: dict | None  # the training run's settings (edgetune_run.yaml), if RUN is a run
     default_output: Path
     chat_template: str | None = None  # the template the run trained with, if not the model's own
+    model_ref: str | None = None  # the base as the run names it (e.g. smollm2-135m)
 
 
 def read_source(config: ExportConfig) -> Source:
@@ -42,30 +43,42 @@ def read_source(config: ExportConfig) -> Source:
 
 
 def _source(config: ExportConfig) -> Source:
+    run = Path(config.run).expanduser()
+    source = run_source(run, config.cache_dir)
+    if source is not None:
+        return source
+    base = models.resolve(config.run, config.cache_dir)
+    return Source(base, None, None, Path(f"{run.name.removesuffix('.gguf')}-export"))
+
+
+def run_source(run: Path, cache_dir: str | None = None) -> Source | None:
+    """An `edgetune train` (or `edgetune merge`) folder, or a bare PEFT adapter folder, as a Source
+    with its base resolved; None when `run` is neither."""
     from edgetune.export.merge import is_adapter_dir, read_adapter_config
 
-    run = Path(config.run).expanduser()
     if (run / RUN_CONFIG).is_file():
-        saved = _run_settings(run)
+        saved = run_settings(run)
         if not is_adapter_dir(run):
             raise EdgetuneError(f"{run} has no adapter (adapter_model.safetensors): did training finish? "
                                 f"Resume it with: edgetune train --resume --output {run}")
         if not saved.get("model"):
             raise EdgetuneError(f"{run}/{RUN_CONFIG} does not name the base model (model:)")
-        base = models.resolve(str(saved["model"]), config.cache_dir or saved.get("cache_dir"))
+        base = models.resolve(str(saved["model"]), cache_dir or saved.get("cache_dir"))
         template = run / CHAT_TEMPLATE
         return Source(base, run, saved, run / "export",
-                      template.read_text(encoding="utf-8") if template.is_file() else None)
+                      template.read_text(encoding="utf-8") if template.is_file() else None,
+                      str(saved["model"]))
     if (run / ADAPTER_CONFIG).is_file():
         base_ref = read_adapter_config(run).get("base_model_name_or_path")
         if not base_ref:
             raise EdgetuneError(f"{run}/{ADAPTER_CONFIG} does not name its base model")
-        return Source(models.resolve(base_ref, config.cache_dir), run, None, run / "export")
-    base = models.resolve(config.run, config.cache_dir)
-    return Source(base, None, None, Path(f"{run.name.removesuffix('.gguf')}-export"))
+        return Source(models.resolve(base_ref, cache_dir), run, None, run / "export",
+                      model_ref=base_ref)
+    return None
 
 
-def _run_settings(run: Path) -> dict:
+def run_settings(run: Path) -> dict:
+    """The run's edgetune_run.yaml as a dict, or a one-line error when it cannot be read."""
     try:
         saved = yaml.safe_load((run / RUN_CONFIG).read_text(encoding="utf-8")) or {}
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -146,7 +159,7 @@ def _check_phone(config: ExportConfig, formats: Formats, model_dir: Path) -> Non
                                     f"pass --positions {length} or fewer")
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish(tmp: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after that succeeded."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     with deferred():
@@ -164,14 +177,14 @@ def _check_output(config: ExportConfig, out: Path) -> None:
                             "or --output elsewhere")
 
 
-def _run_lock(source: Source):
-    """The run folder's lock, when exporting an edgetune run: no training may write it meanwhile."""
+def run_lock(source: Source, verb: str = "edgetune export"):
+    """The run folder's lock while `verb` reads an edgetune run: no training may write it meanwhile."""
     from contextlib import nullcontext
 
     run = source.adapter_dir
     if run is None or not (run / RUN_CONFIG).is_file() or not os.access(run, os.W_OK):
         return nullcontext()  # (no process can train into a folder it cannot write)
-    return folders.folder_lock(run, f"run folder {run}", verb="edgetune export")
+    return folders.folder_lock(run, f"run folder {run}", verb=verb)
 
 
 def main(config: ExportConfig) -> int:
@@ -187,7 +200,7 @@ def main(config: ExportConfig) -> int:
         _check_phone(config, formats, source.model_dir)
         with folders.disk_errors(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
-        with _run_lock(source), folders.sibling_lock(out, f"export folder {out}",
+        with run_lock(source), folders.sibling_lock(out, f"export folder {out}",
                                                       verb="edgetune export"):
             _check_output(config, out)
             folders.remove_leftovers(out.parent, prefix=f".{out.name}.")
@@ -225,7 +238,7 @@ def _write(config: ExportConfig, source: Source, out: Path, formats: Formats) ->
                         tmp.rename(rejected)
                 raise
             folders.fsync_tree(tmp)
-            _publish(tmp, out)
+            publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows

@@ -1,5 +1,6 @@
 """`edgetune export` and `edgetune run` settings: defaults, help text and validation."""
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +106,10 @@ class RunConfig:
                                metavar="MODEL.gguf")
     prompt: str | None = option(None, "the user message to answer")
     system: str | None = option(None, "system message (default: the chat template's own, if any)")
-    lora: str | None = option(None, "GGUF LoRA adapter to apply over the model (from --gguf-adapter)",
-                              metavar="ADAPTER.gguf")
+    lora: tuple[str, ...] = option((), "GGUF LoRA adapter to apply over the model (from "
+                                   "--gguf-adapter), optionally with a scale (default 1); repeat "
+                                   "it to stack several: --lora a.gguf:0.7 --lora b.gguf:0.3",
+                                   metavar="ADAPTER.gguf[:SCALE]")
     max_tokens: int = option(256, "most tokens to generate")
     temperature: float = option(0.0, "sampling temperature; 0 always picks the likeliest token")
     ctx: int = option(2048, "context length in tokens")
@@ -121,3 +124,24 @@ class RunConfig:
             raise EdgetuneError("--max-tokens and --ctx must be at least 1")
         if self.temperature < 0:
             raise EdgetuneError(f"--temperature must be 0 or more, got {self.temperature}")
+        self.adapters  # noqa: B018 - validates every --lora now, before anything loads
+
+    @property
+    def adapters(self) -> list[tuple[str, float]]:
+        """(adapter GGUF, scale) for each --lora; a missing scale is 1."""
+        return [adapter_and_scale(item) for item in self.lora]
+
+
+def adapter_and_scale(item: str) -> tuple[str, float]:
+    """'a.gguf:0.7' -> ('a.gguf', 0.7); 'a.gguf' -> ('a.gguf', 1.0). Text after the last colon that is
+    not a number belongs to the path. A negative scale subtracts the adapter, as in llama.cpp."""
+    path, _, tail = item.rpartition(":")
+    try:
+        scale = float(tail) if path else None
+    except ValueError:
+        scale = None
+    if scale is None:
+        return item, 1.0
+    if not math.isfinite(scale):
+        raise EdgetuneError(f"--lora {item}: the scale must be a finite number, e.g. {path}:0.5")
+    return path, scale

@@ -11,6 +11,7 @@ import math
 import re
 import shutil
 import struct
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,12 @@ class LoraPair:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def update(self):
+        """The dense fp32 update scale * B @ A this pair adds to its base weight."""
+        import torch
+
+        return self.scale * (self.b.to(torch.float32) @ self.a.to(torch.float32))
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -74,47 +81,78 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
+class Adapter:
+    """A PEFT LoRA adapter on disk, read one module at a time (only the file's header up front)."""
+
+    def __init__(self, adapter_dir: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.dir = Path(adapter_dir)
+        self.config = read_adapter_config(adapter_dir)
+        weights = self.dir / ADAPTER_WEIGHTS
+        try:
+            self._file = safe_open(str(weights), framework="pt")
+            keys = list(self._file.keys())
+        except (OSError, SafetensorError) as exc:
+            raise EdgetuneError(f"{weights} cannot be read ({exc}): the file is truncated or damaged; "
+                                "export an earlier checkpoint, or resume training to write it again") \
+                from None
+        self._keys = self._pair_keys(keys)
+
+    def _pair_keys(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        """{base weight name: {"A": key, "B": key}}, refusing tensors that are not LoRA pairs."""
+        sides: dict[str, dict[str, str]] = {}
+        for key in keys:
+            found = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
+            if found is None:
+                raise EdgetuneError(f"{self.dir}: unexpected adapter tensor {key}; "
+                                    "only lora_A/lora_B weights of linear layers are supported")
+            sides.setdefault(found["module"] + ".weight", {})[found["side"]] = key
+        for name, ab in sides.items():
+            if set(ab) != {"A", "B"}:
+                raise EdgetuneError(f"{self.dir}: {name.removesuffix('.weight')} has "
+                                    f"lora_{next(iter(ab))} but not its pair")
+        return sides
+
+    @property
+    def names(self) -> list[str]:
+        """Base weight names the adapter changes, e.g. model.layers.0.mlp.up_proj.weight."""
+        return sorted(self._keys)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of the base weight `name` as the adapter's B @ A sees it."""
+        rows = self._file.get_slice(self._keys[name]["B"]).get_shape()[0]
+        return rows, self._file.get_slice(self._keys[name]["A"]).get_shape()[1]
+
+    def rank(self, name: str) -> int:
+        module = name.removesuffix(".weight")
+        return int(_pattern_value(self.config.get("rank_pattern"), module, self.config["r"]))
+
+    def pair(self, name: str) -> LoraPair:
+        module = name.removesuffix(".weight")
+        alpha = _pattern_value(self.config.get("alpha_pattern"), module, self.config["lora_alpha"])
+        return LoraPair(module, self._file.get_tensor(self._keys[name]["A"]),
+                        self._file.get_tensor(self._keys[name]["B"]), self.rank(name), float(alpha),
+                        bool(self.config.get("use_rslora")))
+
+
 def load_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
     """The adapter's LoRA pairs keyed by base weight name (e.g. model.layers.0.mlp.up_proj.weight)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    config = read_adapter_config(adapter_dir)
-    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
-    try:
-        tensors = load_file(str(weights))
-    except (OSError, SafetensorError) as exc:
-        raise EdgetuneError(f"{weights} cannot be read ({exc}): the file is truncated or damaged; "
-                            "export an earlier checkpoint, or resume training to write it again") from None
-    sides: dict[str, dict[str, object]] = {}
-    for key, tensor in tensors.items():
-        found = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
-        if found is None:
-            raise EdgetuneError(f"{adapter_dir}: unexpected adapter tensor {key}; "
-                                "only lora_A/lora_B weights of linear layers are supported")
-        sides.setdefault(found["module"], {})[found["side"]] = tensor
-    pairs = {}
-    for module, ab in sides.items():
-        if set(ab) != {"A", "B"}:
-            raise EdgetuneError(f"{adapter_dir}: {module} has lora_{next(iter(ab))} but not its pair")
-        rank = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
-        pairs[module + ".weight"] = LoraPair(module, ab["A"], ab["B"], rank, alpha,
-                                             bool(config.get("use_rslora")))
-    return pairs
+    adapter = Adapter(adapter_dir)
+    return {name: adapter.pair(name) for name in adapter.names}
 
 
-def merged_tensor(name: str, weight, pair: LoraPair | None):
-    """`weight` in fp32 plus the pair's update, refusing a NaN or infinite result."""
+def merged_tensor(name: str, weight, update=None):
+    """`weight` in fp32 plus a dense update (or nothing), refusing a NaN or infinite result."""
     import torch
 
     result = weight.to(torch.float32)
-    if pair is not None:
-        a, b = pair.a.to(torch.float32), pair.b.to(torch.float32)
-        if tuple(result.shape) != (b.shape[0], a.shape[1]):
-            raise EdgetuneError(f"adapter for {name}: B @ A is {b.shape[0]}x{a.shape[1]} but the base "
-                                f"weight is {'x'.join(map(str, result.shape))}: wrong base model?")
-        result = result + pair.scale * (b @ a)
+    if update is not None:
+        if tuple(result.shape) != tuple(update.shape):
+            raise EdgetuneError(f"adapter for {name}: its update is {'x'.join(map(str, update.shape))} "
+                                f"but the base weight is {'x'.join(map(str, result.shape))}: "
+                                "wrong base model?")
+        result = result + update.to(torch.float32)
     if not torch.isfinite(result).all():
         raise EdgetuneError(f"merged tensor {name} has NaN or infinite values: the adapter or base "
                             "is broken (diverged training?); not exporting it")
@@ -123,8 +161,17 @@ def merged_tensor(name: str, weight, pair: LoraPair | None):
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Write base + adapter as a plain HF folder at `out_dir` (fp32 model.safetensors, same config)."""
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
     pairs = load_adapter(adapter_dir)
+    return write_merged(base_dir, out_dir, {name: pair.update for name, pair in pairs.items()})
+
+
+def write_merged(base_dir: Path, out_dir: Path, updates: dict[str, Callable[[], object]]) -> Path:
+    """Write base + updates as a plain HF folder at `out_dir` (fp32 model.safetensors, same config).
+
+    `updates` maps a base weight name to a function returning its dense update, called only when
+    that weight is written, so one update is in memory at a time.
+    """
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
     config = read_config(base_dir)
     files = weight_files(base_dir)
     layout: dict[str, tuple[Path, list[int]]] = {}
@@ -132,7 +179,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
         with open_weights(file) as f:
             for key in f.keys():
                 layout[key] = (file, list(f.get_slice(key).get_shape()))
-    _check_pairs(pairs, layout, config)
+    _check_pairs(updates, layout, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = {key: shape for key, (_, shape) in layout.items()}
 
@@ -140,7 +187,8 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
         for file in files:
             with open_weights(file) as f:
                 for key in f.keys():
-                    yield key, merged_tensor(key, f.get_tensor(key), pairs.get(key))
+                    update = updates[key]() if key in updates else None
+                    yield key, merged_tensor(key, f.get_tensor(key), update)
 
     write_safetensors(out_dir / "model.safetensors", shapes, tensors())
     for name in COPIED:
@@ -152,7 +200,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _check_pairs(pairs: dict[str, LoraPair], layout: dict, config: dict) -> None:
+def _check_pairs(pairs: Collection[str], layout: dict, config: dict) -> None:
     missing = sorted(set(pairs) - set(layout))
     if missing:
         raise EdgetuneError(f"adapter modifies {missing[0]}, which the base model does not have: "
