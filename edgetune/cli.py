@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         config = build(cls, overrides.get("config"), overrides)
         return importlib.import_module(VERBS[args.verb][2]).main(config) or 0
     except EdgetuneError as exc:
-        print(f"edgetune: {exc}", file=sys.stderr)
+        if str(exc):  # empty: one process of a run stopping after another said why
+            print(f"edgetune: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # a signal outside the training loop, which checkpoints itself
         from edgetune.signals import exit_status

@@ -48,7 +48,13 @@ class TrainConfig:
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass, and "
                                             "unmap freed blocks of 1 MiB or more: less memory, slower")
     device: str = option("auto", "auto: CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
-    threads: int | None = option(None, "CPU threads for torch (default: all cores)")
+    threads: int | None = option(None, "CPU threads for torch, per process (default: the cores "
+                                 "divided among the processes on this machine)")
+    nproc: int | None = option(None, "data-parallel processes on this machine, started through "
+                               "torch.distributed's launcher (gloo on CPU, NCCL on CUDA); the global "
+                               "batch is --nproc x --grad-accum x --batch-size (default: 1)")
+    dist_timeout: int = option(600, "seconds a process waits for the others (to start, at each "
+                               "step) before the run ends with an error")
     seed: int = option(0, "seed for LoRA init, data order and the split")
     save_every: int = option(50, "write a checkpoint every N optimizer steps (0: only at the end)")
     eval_every: int = option(50, "evaluate every N optimizer steps (0: only at the end)")
@@ -66,7 +72,9 @@ class TrainConfig:
             raise EdgetuneError("no training data: pass --data FILE.jsonl (or data: in the YAML)")
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "rank": self.rank,
-                    "threads": 1 if self.threads is None else self.threads}
+                    "threads": 1 if self.threads is None else self.threads,
+                    "nproc": 1 if self.nproc is None else self.nproc,
+                    "dist_timeout": self.dist_timeout}
         for name, value in positive.items():
             if value < 1:
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
