@@ -149,3 +149,20 @@ def test_a_killed_rank_ends_the_run_and_leaves_the_last_checkpoint_whole(tiny_mo
 
     assert statefile.load(last)["step"] == step  # whole: its state and adapter read back
     assert load_file(last / ADAPTER_WEIGHTS)
+
+
+def test_qlora_ranks_stop_together_at_the_memory_budget(tiny_model, alpaca_file, tmp_path):
+    """nf4 weights, 8-bit AdamW and gradient checkpointing under two ranks; a budget below what a
+    process holds stops every rank after the first step, with rank 0's checkpoint."""
+    from edgetune.train.checkpoint import completed
+
+    out = tmp_path / "run"
+    args = _args(tiny_model, alpaca_file, out, "--nproc", "2", "--quant", "nf4", "--optim",
+                 "adamw8bit", "--grad-checkpointing", "--ram", "300mb", "--steps", "20")
+    run = subprocess.run([sys.executable, "-W", "ignore", "-m", "edgetune", *args], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 3
+    assert run.stdout.count("edgetune: stopped at step 1 to stay inside --ram 300mb") == 1
+    assert [p.name for p in completed(out)] == ["step-000001"]
+    assert len(_losses(out)) == 1

@@ -183,6 +183,9 @@ def joined(nproc: int | None, timeout_s: int, device: str) -> Iterator[World]:
                 quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
                 quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
             yield world
+        # A rank that ended normally waits for the others: the launcher stops every rank as soon as
+        # one exits non-zero (a memory stop exits 3), which would cut rank 0's last writes short.
+        _collective(torch.distributed.barrier)
     finally:
         torch.distributed.destroy_process_group()
 

@@ -56,16 +56,21 @@ def launch(config: TrainConfig, verb: str = "train") -> int:
 
 
 def _failed(exc: Any, config: TrainConfig) -> int:
-    """The exit status of a failed run; one line when no rank has said why (a rank was killed)."""
-    failures = exc.failures  # global rank -> ProcessFailure, the first to fail first
-    first_rank = min(failures, key=lambda r: failures[r].timestamp)
-    first = failures[first_rank]
-    status = failures[0].exitcode if 0 in failures else first.exitcode
-    if first.exitcode < 0:
-        import signal
+    """The exit status of a failed run, with one line when a rank was killed (it could not say why).
 
-        name = signal.Signals(-first.exitcode).name
-        raise EdgetuneError(f"rank {first_rank} of {config.nproc} was killed ({name}); the others "
-                            f"were stopped. Continue from the last checkpoint with: edgetune train "
+    The launcher ends the remaining ranks with SIGTERM once one has exited non-zero; those are not
+    causes. A rank that exited with a status (rank 0's memory stop, an error it printed) speaks for
+    the run; rank 0's status is preferred.
+    """
+    import signal
+
+    failures = exc.failures  # global rank -> ProcessFailure
+    killed = {r: f for r, f in failures.items() if f.exitcode < 0 and -f.exitcode != signal.SIGTERM}
+    if killed:
+        rank = min(killed)
+        name = signal.Signals(-killed[rank].exitcode).name
+        raise EdgetuneError(f"rank {rank} of {config.nproc} was killed ({name}); the others were "
+                            f"stopped. Continue from the last checkpoint with: edgetune train "
                             f"--resume --output {config.output} --nproc {config.nproc}")
-    return status if status > 0 else 1
+    said = [failures[r].exitcode for r in sorted(failures) if failures[r].exitcode > 0]
+    return said[0] if said else 128 + signal.SIGTERM
