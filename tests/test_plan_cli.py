@@ -131,3 +131,25 @@ def test_target_device_fit(capsys):
                        "--json")
     target = json.loads(out)["target"]
     assert code == 0 and target["device"] == "rpi5-8gb" and target["fits"] is True
+
+
+def test_plan_nproc_shares_the_budget_and_counts_the_all_reduce(capsys):
+    from edgetune.plan.catalogue import catalogue_shape
+    from edgetune.plan.timing import GLOO_BYTES_PER_S
+
+    common = ("--ram", "8gb", "--model", "smollm2-135m", "--dtype", "fp32", "--seq-len", "256",
+              "--batch", "16", "--json")
+    one = json.loads(run(capsys, *common)[1])
+    code, out, _ = run(capsys, *common, "--nproc", "2")
+    two = json.loads(out)
+    assert code == 0 and two["nproc"] == 2 and two["budget_per_process_bytes"] == 4 * 2**30
+    plan = two["plan"]
+    assert plan["memory"]["total"] <= 4 * 2**30
+    assert plan["batch_size"] * plan["grad_accum"] == 8  # per process: 2 x 8 is the global 16
+    gradients = 4 * catalogue_shape("smollm2-135m").lora_params(plan["rank"])
+    assert two["allreduce_s_per_step"] == round(gradients / GLOO_BYTES_PER_S, 4)  # 2 ranks: 1x
+    assert one["allreduce_s_per_step"] == 0 and one["budget_per_process_bytes"] == 8 * 2**30
+    text = run(capsys, *common[:-1], "--nproc", "2")[1]
+    assert "2 processes: memory above is per process" in text and text.count("--nproc 2") == 1
+    assert run(capsys, *common, "--nproc", "0")[2].strip() == (
+        "edgetune: --nproc must be at least 1, got 0")

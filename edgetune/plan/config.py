@@ -32,6 +32,9 @@ class PlanConfig:
                              "for the tokens/s estimate")
     target: str | None = option(None, "device profile the model will run on after export "
                                 "(see `edgetune devices`)")
+    nproc: int = option(1, "data-parallel processes on this machine (edgetune train --nproc): "
+                        "the budget is shared among them, --batch is their global batch, and the "
+                        "speed counts the all-reduce of the adapter's gradients")
     json: bool = option(False, "print the plan as JSON")
 
     def __post_init__(self) -> None:
@@ -43,7 +46,7 @@ class PlanConfig:
             raise EdgetuneError("--device cuda plans for GPU memory: pass --vram, e.g. --vram 6gb")
         if self.budget_bytes <= 0:
             raise EdgetuneError(f"{self.budget_flag} must be more than zero")
-        for name in ("seq_len", "batch", "rank"):
+        for name in ("seq_len", "batch", "rank", "nproc"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
