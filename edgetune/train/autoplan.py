@@ -40,11 +40,13 @@ def plan_command(config: TrainConfig, device: str, dtype: Any) -> str:
             f"--batch {config.batch_size * config.grad_accum} --dtype {_dtype_name(dtype)}")
 
 
-def apply_plan(config: TrainConfig, model_dir: Path, device: str, dtype: Any) -> TrainConfig:
-    """--plan auto: the planner's quantization, rank, batch, checkpointing and optimizer."""
+def apply_plan(config: TrainConfig, model_dir: Path, device: str, dtype: Any,
+               processes: int = 1) -> TrainConfig:
+    """--plan auto: the planner's quantization, rank, batch, checkpointing and optimizer, for one of
+    the `processes` on this machine that share --ram."""
     shape = shape_from_model_dir(model_dir)
     target = config.batch_size * config.grad_accum
-    plan = choose(shape, parse_size(config.ram), seq_len=config.seq_len, device=_device(device),
+    plan = choose(shape, parse_size(config.ram) // processes, seq_len=config.seq_len, device=_device(device),
                   target_batch=target, dtype=_dtype_name(dtype), budget_flag="--ram")
     print(f"edgetune: --plan auto for --ram {config.ram}, --seq-len {config.seq_len}, effective batch "
           f"{target}, {_dtype_name(dtype)}: {plan.describe()}, predicted peak "

@@ -197,7 +197,7 @@ def prepare(config: TrainConfig, run_dir: Path, task: Supervised | None = None,
     if config.plan == "auto":
         from edgetune.train.autoplan import apply_plan
 
-        config = apply_plan(config, model_dir, device, dtype)
+        config = apply_plan(config, model_dir, device, dtype, world.local_size)
     tokenizer = _tokenizer(model_dir)
     config, template = _chat_template(config, tokenizer, records, run_dir)
     train_set, eval_set = task.examples(config, tokenizer, records, model_dir)
@@ -242,7 +242,8 @@ def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
                                config.lr, config.weight_decay, setup.device)
     scheduler = cosine_schedule(optimizer, int(config.warmup * total), total)
     batches = Batches(setup.train_set, config.batch_size, config.seed, _pad_id(setup.tokenizer))
-    guard = MemoryGuard(parse_size(config.ram)) if config.ram else None
+    # --ram is this machine's: its processes share it, each watching its own part
+    guard = MemoryGuard(parse_size(config.ram) // world.local_size) if config.ram else None
     loop = Loop(model, optimizer, scheduler, batches, setup.eval_set, run_dir, config, total, guard,
                 setup.task.objective(config), world)
     if start is not None and world.main:

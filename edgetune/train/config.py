@@ -59,7 +59,8 @@ class TrainConfig:
     save_every: int = option(50, "write a checkpoint every N optimizer steps (0: only at the end)")
     eval_every: int = option(50, "evaluate every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep (0: all)")
-    ram: str | None = option(None, "memory budget, e.g. 8gb: stop cleanly before RSS would pass it")
+    ram: str | None = option(None, "memory budget, e.g. 8gb: stop cleanly before RSS would pass it "
+                              "(the processes of --nproc share it)")
     plan: str | None = option(None, "auto: choose quant, rank, batch and checkpointing for --ram",
                               choices=("auto",))
     cache_dir: str | None = option(None, "where GGUF models are cached as HF checkpoints "
