@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import full_length_text, median, run_train, smollm2_dir  # noqa: E402
+from _common import full_length_text, median, run_train, smollm2_dir
 
 SIDES = {"1 process x 2 threads": ["--threads", "2", "--grad-accum", "2"],
          "2 processes x 1 thread": ["--threads", "1", "--nproc", "2"]}

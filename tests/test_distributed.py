@@ -62,7 +62,7 @@ def test_two_processes_equal_one_with_gradient_accumulation(runs):
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tiny_model, tmp_path, capsys):
     import shutil
 
-    data, one, two = runs
+    _, one, two = runs
     resumed = tmp_path / "resumed"
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-000004")
@@ -161,8 +161,24 @@ def test_qlora_ranks_stop_together_at_the_memory_budget(tiny_model, alpaca_file,
                  "adamw8bit", "--grad-checkpointing", "--ram", "300mb", "--steps", "20")
     run = subprocess.run([sys.executable, "-W", "ignore", "-m", "edgetune", *args], cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert run.returncode == 3
     assert run.stdout.count("edgetune: stopped at step 1 to stay inside --ram 300mb") == 1
     assert [p.name for p in completed(out)] == ["step-000001"]
     assert len(_losses(out)) == 1
+
+
+def test_resuming_with_other_process_counts_keeps_the_micro_batches_of_a_step(alpaca_file):
+    from edgetune.errors import EdgetuneError
+    from edgetune.train.command import per_rank_accum
+    from edgetune.train.config import TrainConfig
+
+    config = TrainConfig(data=str(alpaca_file), grad_accum=1)
+    assert per_rank_accum(config, None, 4) == (config, [])
+    assert per_rank_accum(config, 2, 2) == (config, [])
+    four, said = per_rank_accum(config, 4, 1)
+    assert four.grad_accum == 4 and said == ["--grad-accum 1 -> 4 (1 process)"]
+    assert per_rank_accum(config, 4, 2)[0].grad_accum == 2
+    with pytest.raises(EdgetuneError, match="each step of this run reads 4 micro-batches, which 3 "
+                                            "processes cannot share equally"):
+        per_rank_accum(config, 4, 3)

@@ -134,7 +134,7 @@ def render(config: PlanConfig, shape: ModelShape, plan: search.Plan, alternative
            speed: float, gflops: dict | None, lengths: Lengths | None, target) -> str:
     budget = per_process(config)
     lines = [f"{shape.name}: {shape.params / 1e6:,.0f}M parameters; {config.budget_flag} "
-             f"{format_size(budget)} (binary units); seq-len {plan.seq_len}; "
+             f"{format_size(config.budget_bytes)} (binary units); seq-len {plan.seq_len}; "
              f"effective batch {config.batch}; {config.device} in {plan.dtype}",
              f"plan: {plan.describe()}", "", f"memory: {PEAK_NOTE}"]
     for name, value in plan.memory.terms.items():

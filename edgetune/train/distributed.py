@@ -16,9 +16,9 @@ import contextlib
 import datetime
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -199,7 +199,7 @@ def _init(nproc: int | None, timeout_s: int, device: str) -> World:
     cuda = device != "cpu" and torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
     try:
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
