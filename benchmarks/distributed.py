@@ -21,6 +21,9 @@ from _common import full_length_text, median, run_train, smollm2_dir
 
 SIDES = {"1 process x 2 threads": ["--threads", "2", "--grad-accum", "2"],
          "2 processes x 1 thread": ["--threads", "1", "--nproc", "2"]}
+# With --one-thread: one process on one thread too, to tell the cost of OpenMP's threads waiting for
+# each other on busy cores from the gain of data parallelism.
+ONE_THREAD = {"1 process x 1 thread": ["--threads", "1", "--grad-accum", "2"]}
 
 
 def main() -> None:
@@ -29,9 +32,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--one-thread", action="store_true")
     args = parser.parse_args()
-    speeds: dict[str, list[float]] = {name: [] for name in SIDES}
-    rss: dict[str, list[int]] = {name: [] for name in SIDES}
+    sides = {**SIDES, **(ONE_THREAD if args.one_thread else {})}
+    speeds: dict[str, list[float]] = {name: [] for name in sides}
+    rss: dict[str, list[int]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as tmp:
         data = full_length_text(Path(tmp) / "data.jsonl", 64, args.seq_len)
         common = ["--model", str(smollm2_dir()), "--data", str(data), "--dtype", "fp32",
@@ -39,7 +44,7 @@ def main() -> None:
                   str(args.batch_size), "--eval-split", "0", "--eval-every", "0", "--rank", "16"]
         loads = [os.getloadavg()[0]]
         for repeat in range(args.repeats):
-            for name, flags in SIDES.items():
+            for name, flags in sides.items():
                 run = run_train(common + flags, Path(tmp) / "run")
                 steps = [r["tokens_per_s"] for r in run["log"][1:]]
                 speeds[name].append(median(steps))
@@ -52,7 +57,7 @@ def main() -> None:
     print(f"SmolLM2-135M, fp32, LoRA rank 16, global batch {2 * args.batch_size} x {args.seq_len} "
           f"tokens, {args.steps} steps, {args.repeats} repeats; 1-minute load average "
           f"{min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores")
-    for name in SIDES:
+    for name in sides:
         print(f"  {name:<24}{median(speeds[name]):8.0f} tokens/s   rank-0 RSS "
               f"{max(rss[name])} MiB")
     print(f"  ratio (2 processes / 1 process): {dp / base:.2f}")
