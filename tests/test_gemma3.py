@@ -262,7 +262,7 @@ def test_270m_runs_in_llama_cpp_like_torch(gemma3_270m_f16):
     model_dir, path = gemma3_270m_f16
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     row = verify_gguf(path.parent, path.name, "f16",
-                      torch_reference(model_dir, held_out_ids(tokenizer, None, 256)))
+                      torch_reference(model_dir, held_out_ids(tokenizer, [], 256)))
     require_passed([row])
     assert row.top1_agreement >= 0.99 and 0.98 < row.perplexity_ratio < 1.02
     for text in TEXTS + ["<start_of_turn>user\nMarch 5, 2024<end_of_turn>\n", "ÄÖü 1234 🙂"]:

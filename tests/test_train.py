@@ -135,9 +135,9 @@ def test_checkpoint_write_is_atomic(tiny_model, alpaca_file, tmp_path, monkeypat
 
 
 def test_memory_guard_stops_with_a_checkpoint(tiny_model, alpaca_file, tmp_path):
-    from edgetune.train.heap import peak_rss
+    from edgetune.train.heap import rss
 
-    budget = f"{peak_rss() // 2**20 - 1}mb"  # already passed: this process's peak counts
+    budget = f"{rss() // 2**20 - 1}mb"  # already passed: the run's peak starts at the process's RSS
     summary = train(config(tiny_model, alpaca_file, tmp_path / "run", ram=budget))
     assert summary.stopped_for_memory and summary.steps == 1
     assert checkpoint.completed(tmp_path / "run")[-1].name == "step-000001"
@@ -158,3 +158,18 @@ def test_plan_auto_refuses_an_impossible_budget(tiny_model, alpaca_file, tmp_pat
     with pytest.raises(EdgetuneError, match="--ram 100mb is less than the trainer's runtime alone"):
         train(config(tiny_model, alpaca_file, tmp_path / "run", plan="auto", ram="100mb"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_measures_its_own_peak_not_the_process_s_earlier_one(tiny_model, alpaca_file, tmp_path):
+    """A run inside a process that peaked earlier (a notebook, a test session) is judged on its own
+    peak: --ram below that earlier peak but above the run's needs does not stop it."""
+    import numpy as np
+
+    from edgetune.train.heap import peak_rss, rss
+
+    earlier = np.ones(2**28, dtype=np.uint8)  # 256 MiB touched, then freed: the process's peak
+    del earlier
+    assert peak_rss() - rss() > 200 * 2**20
+    budget = f"{(rss() + 150 * 2**20) // 2**20}mb"
+    summary = train(config(tiny_model, alpaca_file, tmp_path / "run", ram=budget, steps=2))
+    assert not summary.stopped_for_memory and summary.steps == 2

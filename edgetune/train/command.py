@@ -87,7 +87,9 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None,
     folder, and hands what it read to the other ranks (distributed.py).
     """
     from edgetune.train.distributed import joined
+    from edgetune.train.heap import reset_peak_rss
 
+    reset_peak_rss()  # the run's peak is its own, from here: what the guard and the summary report
     with stop_on_signals(), joined(config.nproc, config.dist_timeout, config.device) as world:
         world.check_same(recorded_settings(config))
         run_dir = Path(config.output).expanduser()

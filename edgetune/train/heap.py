@@ -104,6 +104,17 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> None:
+    """Start the peak (VmHWM) afresh at the current RSS, so that a run started inside a process that
+    peaked earlier (a test session, a notebook, the quick start) measures its own peak. Linux only;
+    elsewhere the peak stays the process's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as stream:
+            stream.write("5")  # 5: reset the peak RSS (Documentation/filesystems/proc.rst)
+    except OSError:
+        pass
+
+
 class MemoryGuard:
     """Stops training once the peak RSS has passed the budget, or would pass it at the next step.
 

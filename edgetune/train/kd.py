@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from edgetune.constants import IGNORE, WIDEN_ELEMENTS
-from edgetune.train.loss import _inputs, _online_softmax, block_rows, chunk_tokens
+from edgetune.constants import WIDEN_ELEMENTS
+from edgetune.train.loss import _online_softmax, block_rows, chunk_tokens, labelled_hidden
 
 HALF_LOG2 = 0.5 * math.log(2)
 
@@ -95,17 +95,10 @@ def distill_loss(model: Any, batch: dict, kind: str = "kl",
                  ce_weight: float = 0.5) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of response tokens) of a batch that carries the teacher's top-k
     at its response tokens (`top_ids`, `top_logprobs`: [tokens, k], in the batch's order)."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = causal_lm.model, causal_lm.get_output_embeddings()
-    hidden = decoder(**_inputs(batch), use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    selected = hidden[:, :-1][keep]
-    wanted = targets[keep]
+    head, selected, wanted, cap = labelled_hidden(model, batch)
     if batch["top_ids"].shape[0] != wanted.numel():
         raise ValueError(f"the teacher's top-k covers {batch['top_ids'].shape[0]} tokens, the batch "
                          f"has {wanted.numel()} response tokens")
-    cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     loss = _LinearDistill.apply(selected, head.weight, wanted, batch["top_ids"].long(),
                                 batch["top_logprobs"], block_rows(head.weight, selected.dtype), cap,
                                 kind, ce_weight)

@@ -107,18 +107,23 @@ def _online_softmax(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor, rows
     return lse, target_logit, softmax_w, target_slope
 
 
-def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of token losses, number of label tokens) for a batch, through a PEFT-wrapped causal LM."""
+def labelled_hidden(model: Any, batch: dict) -> tuple[Any, torch.Tensor, torch.Tensor, float | None]:
+    """(output layer, final hidden states at the labelled positions, their next-token labels, logit
+    soft-cap) of a batch through a PEFT-wrapped causal LM; the logits themselves are never made."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = causal_lm.model, causal_lm.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise NotImplementedError("output layers with a bias are not supported")
     hidden = decoder(**_inputs(batch), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    selected = hidden[:, :-1][keep]
-    wanted = targets[keep]
-    if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("output layers with a bias are not supported")
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    return head, hidden[:, :-1][keep], targets[keep], cap
+
+
+def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of token losses, number of label tokens) for a batch, through a PEFT-wrapped causal LM."""
+    head, selected, wanted, cap = labelled_hidden(model, batch)
     loss = _LinearCrossEntropy.apply(selected, head.weight, wanted,
                                      block_rows(head.weight, selected.dtype), cap)
     return loss, int(wanted.numel())
