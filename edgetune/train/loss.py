@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from edgetune.constants import IGNORE, LOSS_BLOCK_ROWS, LOSS_LOGITS_ELEMENTS, WIDEN_ELEMENTS
+from edgetune.train.prompts import decoder_inputs, learns_inputs
 
 
 def block_rows(weight: torch.Tensor, dtype: torch.dtype) -> int:
@@ -111,8 +112,11 @@ def causal_lm_loss(model: Any, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of token losses, number of label tokens) for a batch, through a PEFT-wrapped causal LM."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = causal_lm.model, causal_lm.get_output_embeddings()
-    hidden = decoder(**_inputs(batch), use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    inputs, labels = _inputs(batch), batch["labels"]
+    if learns_inputs(model):  # prompt, P- and prefix tuning: their virtual tokens go in first
+        inputs, labels = decoder_inputs(model, batch)
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
     keep = targets != IGNORE
     selected = hidden[:, :-1][keep]
     wanted = targets[keep]

@@ -218,25 +218,36 @@ def keep_4bit_layout_trainable(model: Any) -> None:
 
 def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str | list[str],
              seed: int, grad_checkpointing: bool) -> Any:
-    """Wrap the base in a PEFT LoRA model (adapter weights fp32 for stable updates), with LoRA layers
-    computed in place (edgetune.train.lora)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    """Wrap the base in a PEFT LoRA model with LoRA layers computed in place (edgetune.train.lora)."""
+    from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
                         task_type="CAUSAL_LM", bias="none")
+    return add_adapter(model, config, seed, grad_checkpointing, fuse=True)
+
+
+def add_adapter(model: Any, config: Any, seed: int, grad_checkpointing: bool, fuse: bool,
+                method_name: str = "lora") -> Any:
+    """Wrap the base in a PEFT model for the PEFT `config` (adapter weights fp32 for stable updates);
+    with `fuse`, LoRA layers are computed in place (edgetune.train.lora)."""
+    import torch
+    from peft import get_peft_model
+
     torch.manual_seed(seed)
     try:
         with warnings.catch_warnings():  # PEFT reads transformers' deprecated name for checkpointing
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             peft_model = get_peft_model(model, config)
-    except ValueError as exc:
-        raise EdgetuneError(f"--target-modules {modules}: {str(exc).splitlines()[0]}") from None
-    from edgetune.train.lora import fuse_lora
+    except ValueError as exc:  # e.g. target modules the architecture does not have
+        modules = getattr(config, "target_modules", None)
+        given = f" --target-modules {_listed(modules)}" if modules else ""
+        raise EdgetuneError(f"--method {method_name}{given}: {str(exc).splitlines()[0]}") from None
+    if fuse:
+        from edgetune.train.lora import fuse_lora
 
-    fuse_lora(peft_model)
+        fuse_lora(peft_model)
     if grad_checkpointing:
-        checkpoint_layers(peft_model.base_model.model)
+        checkpoint_layers(peft_model.get_base_model())
     return peft_model
 
 
@@ -247,6 +258,10 @@ def checkpoint_layers(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers before the rename
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _listed(modules: Any) -> str:
+    return modules if isinstance(modules, str) else ",".join(sorted(modules))
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
