@@ -17,6 +17,7 @@ from edgetune.config import as_dict
 from edgetune.errors import EdgetuneError
 from edgetune.export.config import ExportConfig
 from edgetune.folders import EXPORT_MARKERS
+from edgetune.methods import Method, method_of
 from edgetune.runfiles import ADAPTER_CONFIG, CHAT_TEMPLATE, EXPORT_CONFIG, RUN_CONFIG
 from edgetune.signals import deferred, stop_on_signals
 
@@ -32,6 +33,7 @@ class Source:
     run_config: dict | None  # the training run's settings (edgetune_run.yaml), if RUN is a run
     default_output: Path
     chat_template: str | None = None  # the template the run trained with, if not the model's own
+    method: Method | None = None  # the adapter's (None for a plain model)
 
 
 def read_source(config: ExportConfig) -> Source:
@@ -55,12 +57,15 @@ def _source(config: ExportConfig) -> Source:
         base = models.resolve(str(saved["model"]), config.cache_dir or saved.get("cache_dir"))
         template = run / CHAT_TEMPLATE
         return Source(base, run, saved, run / "export",
-                      template.read_text(encoding="utf-8") if template.is_file() else None)
+                      template.read_text(encoding="utf-8") if template.is_file() else None,
+                      method_of(read_adapter_config(run)))
     if (run / ADAPTER_CONFIG).is_file():
-        base_ref = read_adapter_config(run).get("base_model_name_or_path")
+        adapter_config = read_adapter_config(run)
+        base_ref = adapter_config.get("base_model_name_or_path")
         if not base_ref:
             raise EdgetuneError(f"{run}/{ADAPTER_CONFIG} does not name its base model")
-        return Source(models.resolve(base_ref, config.cache_dir), run, None, run / "export")
+        return Source(models.resolve(base_ref, config.cache_dir), run, None, run / "export",
+                      method=method_of(adapter_config))
     base = models.resolve(config.run, config.cache_dir)
     return Source(base, None, None, Path(f"{run.name.removesuffix('.gguf')}-export"))
 
@@ -112,6 +117,26 @@ def _check_imatrix_available(config: ExportConfig, source: Source, formats: Form
                             "calibrates one) or pass --imatrix FILE")
 
 
+def check_carried(method: Method | None, config: ExportConfig, formats: Formats) -> None:
+    """Refuse, in one line and before anything is written, a format that cannot carry the method:
+    an export never holds the base model in place of the trained one."""
+    if method is None:
+        return
+    if config.gguf_adapter and method.no_gguf_adapter:
+        raise EdgetuneError(f"--gguf-adapter: {method.title} is not a llama.cpp LoRA adapter: "
+                            f"{method.no_gguf_adapter}")
+    if method.folds:
+        return
+    if formats.onnx:
+        raise EdgetuneError(f"--onnx: {method.title} learns inputs, not weights, and the ONNX models "
+                            "take token ids only" + ("; export --gguf instead, which carries the soft "
+                                                     "prompt beside the model" if method.soft_prompt else ""))
+    if formats.gguf and not method.soft_prompt:
+        raise EdgetuneError(f"--gguf: {method.title}'s per-layer keys and values cannot be carried by a "
+                            "GGUF file or fed to llama.cpp; train with --method prompt, ptuning or a "
+                            "LoRA-family method to export")
+
+
 def _publish(tmp: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after that succeeded."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -150,6 +175,7 @@ def main(config: ExportConfig) -> int:
                                 "not a training run with an adapter")
         formats = plan_formats(config, source.model_dir)
         _check_imatrix_available(config, source, formats)
+        check_carried(source.method, config, formats)
         with folders.disk_errors(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
         with _run_lock(source), folders.sibling_lock(out, f"export folder {out}",

@@ -86,6 +86,9 @@ class RunConfig:
     system: str | None = option(None, "system message (default: the chat template's own, if any)")
     lora: str | None = option(None, "GGUF LoRA adapter to apply over the model (from --gguf-adapter)",
                               metavar="ADAPTER.gguf")
+    soft_prompt: str | None = option(None, "soft prompt to put before the prompt: the "
+                                     "soft-prompt.safetensors that exporting a prompt or P-tuning "
+                                     "run writes beside its base-*.gguf", metavar="FILE")
     max_tokens: int = option(256, "most tokens to generate")
     temperature: float = option(0.0, "sampling temperature; 0 always picks the likeliest token")
     ctx: int = option(2048, "context length in tokens")

@@ -1,9 +1,16 @@
-"""Merge a PEFT LoRA adapter into its full-precision base, one tensor at a time.
+"""Merge a PEFT adapter into its full-precision base, one tensor at a time.
 
-W' = W + scale * B @ A with scale = alpha / r (alpha / sqrt(r) for rsLoRA). Only one base tensor and
-its adapter pair are in memory at once, and model.safetensors is streamed to disk, so merging fits in
-the RAM of a small device. Merged weights are written in fp32: rounding them back to a bf16 base
-would throw away most of a small LoRA update.
+What each method does to one base weight W (PEFT's own merge, `merge_and_unload`, is the reference
+the tests hold these to):
+- LoRA: W + s * B @ A, s = alpha / r (rsLoRA: alpha / sqrt(r)).
+- AdaLoRA: the same with A's rows scaled by the singular values E, and s = alpha / (r0 + 1e-5) for the
+  initial rank r0 (PEFT's ranknum, which pruning keeps); pruned ranks are already gone from the file.
+- DoRA: m / ||W + s * B @ A|| * (W + s * B @ A), the norm taken per output row.
+- IA3: W's output rows times the learned vector (and the bias with them), or for feed-forward layers
+  its input columns.
+Only one base tensor and its update are in memory at once, and model.safetensors is streamed to
+disk, so merging fits in the RAM of a small device. Merged weights are written in fp32: rounding them
+back to a bf16 base would throw away most of a small update.
 """
 
 import json
@@ -16,6 +23,7 @@ from pathlib import Path
 
 from edgetune.errors import EdgetuneError
 from edgetune.hf import open_weights, read_config, weight_files
+from edgetune.methods import method_of
 from edgetune.runfiles import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 # Files copied unchanged from the base folder into the merged one (weights are rewritten).
@@ -23,7 +31,11 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
           "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json",
           "merges.txt", "tokenizer.model", "added_tokens.json", "edgetune_source.json")
 _PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")
+# lora_A/lora_B (with .weight for LoRA's linear layers; AdaLoRA's are bare parameters), lora_E,
+# DoRA's lora_magnitude_vector and IA3's ia3_l.
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[ABE]|lora_magnitude_vector|ia3_l)"
+                  r"(?:\.default)?(?:\.weight)?$")
+ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 
 
 @dataclass(frozen=True)
@@ -36,10 +48,61 @@ class LoraPair:
     rank: int
     alpha: float
     rslora: bool
+    initial_rank: int | None = None  # AdaLoRA: the rank its scale divides by (A holds A * E)
 
     @property
     def scale(self) -> float:
+        if self.initial_rank is not None:
+            return self.alpha / (self.initial_rank + ADALORA_EPS)
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def apply(self, weight):
+        a, b = self.a.to(weight.dtype), self.b.to(weight.dtype)
+        _require_shape(self.module, "B @ A", (b.shape[0], a.shape[1]), weight.shape)
+        return weight + self.scale * (b @ a)
+
+
+@dataclass(frozen=True)
+class DoraUpdate:
+    """DoRA: a LoRA pair and the magnitude each output row of the result is rescaled to."""
+
+    pair: LoraPair
+    magnitude: "object"  # [out]
+
+    def apply(self, weight):
+        import torch
+
+        updated = self.pair.apply(weight)
+        _require_shape(self.pair.module, "the magnitude vector", tuple(self.magnitude.shape),
+                       (weight.shape[0],))
+        norm = torch.linalg.norm(updated, dim=1)
+        return (self.magnitude.to(weight.dtype) / norm)[:, None] * updated
+
+
+@dataclass(frozen=True)
+class Ia3Update:
+    """IA3: a learned vector scaling the layer's output rows, or for feed-forward its inputs."""
+
+    module: str
+    vector: "object"  # [out, 1] or, feed-forward, [1, in]: PEFT's ia3_l
+
+    @property
+    def feedforward(self) -> bool:
+        return self.vector.shape[0] == 1 and self.vector.shape[1] != 1
+
+    def apply(self, weight):
+        if weight.dim() == 1:  # the bias of an output-scaled layer scales with its rows
+            _require_shape(self.module, "the IA3 vector", (self.vector.numel(),), tuple(weight.shape))
+            return weight * self.vector.reshape(-1).to(weight.dtype)
+        axis = 1 if self.feedforward else 0
+        _require_shape(self.module, "the IA3 vector", (self.vector.numel(),), (weight.shape[axis],))
+        return weight * self.vector.to(weight.dtype)
+
+
+def _require_shape(module: str, what: str, got: tuple, base: tuple) -> None:
+    if tuple(got) != tuple(base):
+        raise EdgetuneError(f"adapter for {module}: {what} is {'x'.join(map(str, got))} but the base "
+                            f"weight needs {'x'.join(map(str, base))}: wrong base model?")
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -48,18 +111,17 @@ def is_adapter_dir(path: Path) -> bool:
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
-    """adapter_config.json, refusing adapter kinds this merge cannot reproduce exactly."""
+    """adapter_config.json, refusing adapter kinds edgetune does not know."""
     try:
         config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EdgetuneError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: cannot read it ({exc})") from None
     if not isinstance(config, dict):
         raise EdgetuneError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: expected a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise EdgetuneError(f"{adapter_dir}: adapter type {config.get('peft_type')} is not supported; "
-                            "only LoRA adapters can be merged")
-    if config.get("use_dora"):
-        raise EdgetuneError(f"{adapter_dir}: DoRA adapters are not supported; retrain without use_dora")
+    try:
+        method_of(config)
+    except EdgetuneError as exc:
+        raise EdgetuneError(f"{adapter_dir}: {exc}") from None
     if config.get("modules_to_save"):
         raise EdgetuneError(f"{adapter_dir}: adapters with modules_to_save "
                             f"({config['modules_to_save']}) are not supported")
@@ -74,47 +136,78 @@ def _pattern_value(patterns: dict, module: str, default: float) -> float:
     return default
 
 
-def load_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
-    """The adapter's LoRA pairs keyed by base weight name (e.g. model.layers.0.mlp.up_proj.weight)."""
+def _adapter_tensors(adapter_dir: Path) -> dict[str, dict[str, object]]:
+    """{module: {part: tensor}} of the adapter file, refusing tensors no method here makes."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = read_adapter_config(adapter_dir)
     weights = Path(adapter_dir) / ADAPTER_WEIGHTS
     try:
         tensors = load_file(str(weights))
     except (OSError, SafetensorError) as exc:
         raise EdgetuneError(f"{weights} cannot be read ({exc}): the file is truncated or damaged; "
                             "export an earlier checkpoint, or resume training to write it again") from None
-    sides: dict[str, dict[str, object]] = {}
+    parts: dict[str, dict[str, object]] = {}
     for key, tensor in tensors.items():
-        found = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
+        found = _KEY.match(key.removeprefix(_PEFT_PREFIX))
         if found is None:
-            raise EdgetuneError(f"{adapter_dir}: unexpected adapter tensor {key}; "
-                                "only lora_A/lora_B weights of linear layers are supported")
-        sides.setdefault(found["module"], {})[found["side"]] = tensor
-    pairs = {}
-    for module, ab in sides.items():
-        if set(ab) != {"A", "B"}:
-            raise EdgetuneError(f"{adapter_dir}: {module} has lora_{next(iter(ab))} but not its pair")
-        rank = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
-        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
-        pairs[module + ".weight"] = LoraPair(module, ab["A"], ab["B"], rank, alpha,
-                                             bool(config.get("use_rslora")))
-    return pairs
+            raise EdgetuneError(f"{adapter_dir}: unexpected adapter tensor {key}; only the updates of "
+                                "linear layers (LoRA, DoRA, AdaLoRA, IA3) can be merged")
+        parts.setdefault(found["module"], {})[found["part"]] = tensor
+    return parts
 
 
-def merged_tensor(name: str, weight, pair: LoraPair | None):
-    """`weight` in fp32 plus the pair's update, refusing a NaN or infinite result."""
+def _pair(adapter_dir: Path, config: dict, module: str, parts: dict) -> LoraPair:
+    if not {"lora_A", "lora_B"} <= set(parts):
+        have = next(iter(parts))
+        raise EdgetuneError(f"{adapter_dir}: {module} has {have} but not the lora_A/lora_B pair")
+    a, b = parts["lora_A"], parts["lora_B"]
+    if config.get("peft_type") == "ADALORA":  # pruned to its rank pattern: the rank is A's rows
+        initial = int(config["init_r"])
+        alpha = float(config["lora_alpha"]) if config["lora_alpha"] > 0 else float(initial)
+        return LoraPair(module, a * parts["lora_E"], b, int(a.shape[0]), alpha, False, initial)
+    rank = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    return LoraPair(module, a, b, rank, alpha, bool(config.get("use_rslora")))
+
+
+def load_updates(adapter_dir: Path) -> dict[str, object]:
+    """What the adapter does to each base weight, keyed by its name (model.layers.0.mlp.up_proj.weight):
+    a LoraPair, DoraUpdate or Ia3Update, each with `apply(weight)`."""
+    config = read_adapter_config(adapter_dir)
+    chosen = method_of(config)
+    if not chosen.folds:
+        raise EdgetuneError(f"{adapter_dir}: {chosen.title} learns inputs, not weights: it cannot be "
+                            "merged into the base model")
+    updates: dict[str, object] = {}
+    for module, parts in _adapter_tensors(adapter_dir).items():
+        if chosen.name == "ia3":
+            updates[module + ".weight"] = Ia3Update(module, parts["ia3_l"])
+            continue
+        pair = _pair(adapter_dir, config, module, parts)
+        dora = parts.get("lora_magnitude_vector")
+        updates[module + ".weight"] = pair if dora is None else DoraUpdate(pair, dora)
+    return updates
+
+
+def load_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
+    """The adapter's LoRA pairs keyed by base weight name, for formats that carry plain low-rank pairs
+    (LoRA, rsLoRA, AdaLoRA)."""
+    updates = load_updates(adapter_dir)
+    if not all(isinstance(u, LoraPair) for u in updates.values()):
+        chosen = method_of(read_adapter_config(adapter_dir))
+        raise EdgetuneError(f"{adapter_dir}: {chosen.title} is not a pair of low-rank matrices per "
+                            "layer; only LoRA, rsLoRA and AdaLoRA adapters are")
+    return updates
+
+
+def merged_tensor(name: str, weight, update=None):
+    """`weight` in fp32 with the update applied, refusing a NaN or infinite result."""
     import torch
 
     result = weight.to(torch.float32)
-    if pair is not None:
-        a, b = pair.a.to(torch.float32), pair.b.to(torch.float32)
-        if tuple(result.shape) != (b.shape[0], a.shape[1]):
-            raise EdgetuneError(f"adapter for {name}: B @ A is {b.shape[0]}x{a.shape[1]} but the base "
-                                f"weight is {'x'.join(map(str, result.shape))}: wrong base model?")
-        result = result + pair.scale * (b @ a)
+    if update is not None:
+        result = update.apply(result)
     if not torch.isfinite(result).all():
         raise EdgetuneError(f"merged tensor {name} has NaN or infinite values: the adapter or base "
                             "is broken (diverged training?); not exporting it")
@@ -124,7 +217,7 @@ def merged_tensor(name: str, weight, pair: LoraPair | None):
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Write base + adapter as a plain HF folder at `out_dir` (fp32 model.safetensors, same config)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    pairs = load_adapter(adapter_dir)
+    pairs = load_updates(adapter_dir)
     config = read_config(base_dir)
     files = weight_files(base_dir)
     layout: dict[str, tuple[Path, list[int]]] = {}
@@ -133,6 +226,10 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
             for key in f.keys():
                 layout[key] = (file, list(f.get_slice(key).get_shape()))
     _check_pairs(pairs, layout, config)
+    # An output-scaled IA3 layer's bias scales with its rows (PEFT's IA3 merge does the same).
+    pairs |= {k.removesuffix(".weight") + ".bias": u for k, u in pairs.items()
+              if isinstance(u, Ia3Update) and not u.feedforward
+              and k.removesuffix(".weight") + ".bias" in layout}
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = {key: shape for key, (_, shape) in layout.items()}
 
@@ -152,7 +249,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _check_pairs(pairs: dict[str, LoraPair], layout: dict, config: dict) -> None:
+def _check_pairs(pairs: dict[str, object], layout: dict, config: dict) -> None:
     missing = sorted(set(pairs) - set(layout))
     if missing:
         raise EdgetuneError(f"adapter modifies {missing[0]}, which the base model does not have: "

@@ -40,16 +40,25 @@ def _prompt_and_stops(llm, prompt: str, system: str | None) -> tuple[str, list[s
 
 
 def answer(gguf_path: str | Path, prompt: str, max_tokens: int = 256, lora: str | Path | None = None,
-           temperature: float = 0.0, system: str | None = None, ctx: int = 2048) -> str:
-    """The model's reply to one user message, generated through llama.cpp."""
+           temperature: float = 0.0, system: str | None = None, ctx: int = 2048,
+           soft_prompt: str | Path | None = None) -> str:
+    """The model's reply to one user message, generated through llama.cpp (after the virtual tokens of
+    a `soft_prompt` file, when given)."""
     from edgetune.export.llama import load_llama
 
     for path in (gguf_path, lora):
         if path is not None and not Path(path).is_file():
             raise EdgetuneError(f"{path} does not exist")
+    embeddings = None
+    if soft_prompt is not None:
+        from edgetune.export.soft_prompt import load
+
+        embeddings = load(soft_prompt)
     llm = load_llama(Path(gguf_path), n_ctx=ctx, lora=Path(lora) if lora else None, logits_all=False)
     try:
         text, stops = _prompt_and_stops(llm, prompt, system)
+        if embeddings is not None:
+            return _after_soft_prompt(llm, embeddings, text, stops, max_tokens, temperature, ctx)
         try:
             result = llm.create_completion(text, max_tokens=max_tokens, temperature=temperature,
                                            stop=stops or None, seed=0)
@@ -60,7 +69,34 @@ def answer(gguf_path: str | Path, prompt: str, max_tokens: int = 256, lora: str 
     return result["choices"][0]["text"].strip()
 
 
+def _after_soft_prompt(llm, embeddings, text: str, stops: list[str], max_tokens: int,
+                       temperature: float, ctx: int) -> str:
+    """Generate after the soft prompt's vectors and `text`'s tokens, sampling as create_completion
+    does (greedy at temperature 0), which has no way to take input embeddings."""
+    import llama_cpp
+
+    from edgetune.export.llama import prepend_embeddings
+
+    tokens = llm.tokenize(text.encode("utf-8"), special=True)
+    if len(embeddings) + len(tokens) + max_tokens > ctx:
+        raise EdgetuneError(f"the soft prompt ({len(embeddings)} vectors), the prompt ({len(tokens)} "
+                            f"tokens) and --max-tokens {max_tokens} do not fit --ctx {ctx}; try a "
+                            "larger --ctx")
+    llm.set_seed(0)
+    prepend_embeddings(llm, embeddings)
+    out: list[int] = []
+    for token in llm.generate(tokens, reset=False, temp=temperature, top_k=40, top_p=0.95,
+                              min_p=0.05):
+        piece = llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or piece in stops:
+            break
+        out.append(token)
+        if len(out) == max_tokens:
+            break
+    return llm.detokenize(out).decode("utf-8", errors="replace").strip()
+
+
 def main(config: RunConfig) -> int:
     print(answer(config.model, config.prompt, config.max_tokens, config.lora, config.temperature,
-                 config.system, config.ctx))
+                 config.system, config.ctx, config.soft_prompt))
     return 0

@@ -160,6 +160,7 @@ def prepare(config: TrainConfig, run_dir: Path, task: Supervised | None = None) 
     train_set, eval_set = task.examples(config, tokenizer, records, model_dir)
     steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    model_lib.check_targets(model_dir, config.modules, method(config.method).name)
     return Setup(config, model_dir, device, dtype, tokenizer, train_set, eval_set, total, template,
                  task)
 

@@ -260,6 +260,25 @@ def checkpoint_layers(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def check_targets(model_dir: Path, modules: Any, method_name: str) -> None:
+    """Name a listed target module the model lacks, before its weights load: PEFT would adapt the
+    modules it finds and skip the others silently. The layout comes from config.json alone (the
+    model is built on the meta device)."""
+    if not modules or isinstance(modules, str):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    linear = {n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+              if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    missing = sorted(set(modules) - linear)
+    if missing:
+        raise EdgetuneError(f"--method {method_name} --target-modules {_listed(modules)}: the model "
+                            f"has no {', '.join(missing)}; its linear layers are {', '.join(sorted(linear))}")
+
+
 def _listed(modules: Any) -> str:
     return modules if isinstance(modules, str) else ",".join(sorted(modules))
 

@@ -75,10 +75,10 @@ def _prefix(model: Any, batch: dict, n: int) -> tuple[dict, torch.Tensor]:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     cache = model.get_prompt(ids.shape[0], max_cache_len=ids.shape[1] + n)
     mask = torch.cat([mask.new_ones(ids.shape[0], n), mask], dim=1)
-    return {"input_ids": ids, "attention_mask": mask, _cache_argument(model): cache}, batch["labels"]
+    return {"input_ids": ids, "attention_mask": mask, cache_argument(model): cache}, batch["labels"]
 
 
-def _cache_argument(model: Any) -> str:
+def cache_argument(model: Any) -> str:
     """The decoder's name for its attention cache: `cache` since transformers 5.24, before that
     `past_key_values` (still accepted, with a deprecation warning on every call)."""
     decoder = model.get_base_model().model
