@@ -31,7 +31,7 @@ from edgetune.methods import METHODS  # noqa: E402
 # neutral start take larger steps: IA3 scales start at 1, soft prompts at token embeddings.
 BUDGETS = {  # method: (steps, lr)
     "lora": (40, 1e-3), "dora": (40, 1e-3), "rslora": (40, 1e-3), "adalora": (40, 1e-3),
-    "ia3": (40, 1e-2), "prompt": (80, 3e-2), "ptuning": (80, 3e-3), "prefix": (80, 1e-2),
+    "ia3": (40, 1e-2), "prompt": (40, 3e-2), "ptuning": (40, 3e-3), "prefix": (40, 1e-2),
 }
 BATCH, SEQ_LEN, EVAL_SIZE = 8, 256, 100
 EXPORTS = {  # format: export flags

@@ -76,7 +76,8 @@ def compute_dtype(config: PlanConfig) -> str:
 
 def _search_kwargs(config: PlanConfig, seq_len: int) -> dict:
     kwargs = {"seq_len": seq_len, "device": config.device, "target_batch": config.batch,
-              "dtype": compute_dtype(config)}
+              "dtype": compute_dtype(config), "method": config.method,
+              "virtual_tokens": config.virtual_tokens}
     if config.rank is not None:
         kwargs["ranks"] = (config.rank,)
     return kwargs
@@ -84,7 +85,8 @@ def _search_kwargs(config: PlanConfig, seq_len: int) -> dict:
 
 def _setting(plan: search.Plan, device: str) -> Setting:
     return Setting(plan.quant, plan.rank, plan.batch_size, plan.seq_len, plan.grad_checkpointing,
-                   plan.optim, plan.dtype, device=device)
+                   plan.optim, plan.dtype, device=device, method=plan.method,
+                   virtual_tokens=plan.virtual_tokens)
 
 
 def _target_fit(target: str | None, shape: ModelShape, seq_len: int):
@@ -153,7 +155,7 @@ def _train_ref(model: str) -> str:
 def as_json(config: PlanConfig, shape: ModelShape, plan: search.Plan, alternatives: list,
             speed: float, lengths: Lengths | None, target) -> dict:
     def one(p: search.Plan) -> dict:
-        return {"quant": p.quant, "rank": p.rank, "batch_size": p.batch_size,
+        return {"method": p.method, "quant": p.quant, "rank": p.rank, "batch_size": p.batch_size,
                 "grad_accum": p.grad_accum, "grad_checkpointing": p.grad_checkpointing,
                 "optim": p.optim, "dtype": p.dtype, "seq_len": p.seq_len,
                 "memory": {**p.memory.terms, "load_peak": p.memory.load_peak,

@@ -12,8 +12,12 @@ bitsandbytes 0.50) and is checked by benchmarks/planner_accuracy.py.
 
 from dataclasses import dataclass, field
 
+import dataclasses
+
 from edgetune.constants import (DEQUANT_BUFFER_ELEMENTS, LEAN_MMAP_THRESHOLD, LOSS_BLOCK_ROWS,
                                 LOSS_LOGITS_ELEMENTS, WIDEN_ELEMENTS)
+from edgetune.methods import METHODS
+from edgetune.plan import adapters
 from edgetune.shape import DTYPE_BYTES, ModelShape
 
 MiB = 2**20
@@ -31,7 +35,6 @@ BNB_RUNTIME_BYTES = 60 * MiB
 SAFETY_MARGIN = 0.10
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_DQ_BLOCK = 256  # double quantization: absmax values quantized to 8 bits in blocks of 256
-OPTIM_8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizer state: one fp32 scale per 256 values
 # Loading with conversion: linear weights in flight at once (read, widened, quantized), in units of
 # the largest one in the compute dtype (fitted on a Llama-3.2-1B shape loading to nf4).
 LOAD_IN_FLIGHT = 3
@@ -68,10 +71,21 @@ class Setting:
     dtype: str = "bf16"
     double_quant: bool = True
     device: str = "cpu"
+    method: str = "lora"  # edgetune.methods
+    virtual_tokens: int = 20  # prompt, ptuning, prefix
+    init_rank: int | None = None  # adalora (None: 1.5 x rank)
 
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
+
+    @property
+    def positions(self) -> "Setting":
+        """The setting as the decoder sees it: prompt and P-tuning put their virtual tokens before
+        every example, so each row is that much longer."""
+        if not METHODS[self.method].soft_prompt:
+            return self
+        return dataclasses.replace(self, seq_len=self.seq_len + self.virtual_tokens)
 
 
 @dataclass(frozen=True)
@@ -136,20 +150,20 @@ def unquantized_bytes(shape: ModelShape, setting: Setting) -> int:
             + shape.small_params * compute_bytes(setting.dtype))
 
 
-def adapter_bytes(shape: ModelShape, rank: int) -> int:
-    """LoRA A and B matrices, kept in fp32."""
-    return 4 * shape.lora_params(rank)
+def trainable_tensors(shape: ModelShape, setting: Setting) -> list[int]:
+    """Element counts of the method's trainable tensors (edgetune.plan.adapters)."""
+    return adapters.trainable_tensors(shape, setting.method, setting.rank, setting.virtual_tokens,
+                                      setting.init_rank)
 
 
-def optimizer_bytes(shape: ModelShape, rank: int, optim: str) -> int:
+def adapter_bytes(shape: ModelShape, setting: Setting) -> int:
+    """The method's trainable tensors (LoRA's A and B, IA3's vectors, virtual tokens...), in fp32."""
+    return 4 * sum(trainable_tensors(shape, setting))
+
+
+def optimizer_bytes(shape: ModelShape, setting: Setting) -> int:
     """AdamW's two fp32 moments, or two uint8 states with one fp32 scale per block each."""
-    n = shape.lora_params(rank)
-    if optim == "adamw":
-        return 8 * n
-    blocks = shape.layers * sum(-(-rank * a // OPTIM_8BIT_BLOCK) + -(-rank * b // OPTIM_8BIT_BLOCK)
-                                for a, b in shape.linears())
-    # One uint8 state and one fp32 absmax per block for each moment; blocks are per tensor.
-    return 2 * n + 2 * 4 * blocks
+    return adapters.optimizer_bytes(trainable_tensors(shape, setting), setting.optim)
 
 
 def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int]:
@@ -167,18 +181,21 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
     c = compute_bytes(setting.dtype)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
     share = c == 4  # the cast is a no-op: consumers of one tensor share its saved copy
-    n_qkv, n_gu = (1, 1) if share or shape.fused else (3, 2)
-    n_adapted = len(shape.linears())
+    # Prefix tuning trains on padded batches, where SDPA gets a mask and the keys and values are
+    # repeated to every query head.
+    kept_kv = q if setting.method == "prefix" else kv
     terms = {
         "norms": 4 * (h + 1) * shape.norms_per_layer,  # fp32 copy of each norm's input, its 1/rms
-        "lora inputs": 4 * (n_qkv * h + n_gu * h + q + i),
-        "lora A outputs": 4 * setting.rank * n_adapted,
-        "attention": c * (2 * q + 2 * kv) + 4 * shape.heads,  # q, k, v, output; fp32 logsumexp
+        **adapters.adapter_activations(shape, setting.method, setting.rank, c, share,
+                                       setting.init_rank),
+        "attention": c * (2 * q + 2 * kept_kv) + 4 * shape.heads,  # q, k, v, output; fp32 logsumexp
         "mlp": 3 * c * i,  # gate output (silu's input), silu output, up output
     }
     if shape.qk_norm:  # each head's query and key normalised: fp32 inputs and their 1/rms
         terms["attention"] += 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads)
-    if setting.quant != "none" and not share:
+    if setting.method == "prefix":  # each layer's SDPA keeps its own mask over prefix and row
+        terms["attention mask"] = c * (setting.seq_len + setting.virtual_tokens)
+    if setting.quant != "none" and not share and METHODS[setting.method].folds:
         # bitsandbytes keeps its own compute-dtype input beside the adapter's fp32 copy; in fp32
         # the two are one tensor (measured: the same saved bytes with and without nf4).
         terms["quantized inputs"] = c * (2 * h + q + i)
@@ -198,21 +215,25 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> int:
     """
     per_layer = sum(layer_activation_bytes(shape, setting).values())
     c = compute_bytes(setting.dtype)
-    fused = fused_lora(setting)
+    lean = fused_lora(setting) or not METHODS[setting.method].folds
+    tokens = setting.positions.tokens
+    if setting.method == "prefix":  # each example's prefix keys and values, repeated to every head
+        per_layer += 2 * setting.virtual_tokens * shape.q_dim * c // setting.seq_len
     if setting.grad_checkpointing:
-        in_heap = setting.tokens * shape.hidden * 4 < LEAN_MMAP_THRESHOLD
-        residue = (CKPT_RESIDUE if fused else PEFT_CKPT_RESIDUE) if in_heap else 0.0
+        in_heap = tokens * shape.hidden * 4 < LEAN_MMAP_THRESHOLD
+        residue = (CKPT_RESIDUE if lean else PEFT_CKPT_RESIDUE) if in_heap else 0.0
         kept = shape.layers * (c * shape.hidden + residue * per_layer) + per_layer
-        return int(setting.tokens * kept)
-    factor = HEAP_FACTOR if fused else PEFT_HEAP_FACTOR
-    return int(setting.tokens * shape.layers * per_layer * factor)
+        return int(tokens * kept)
+    factor = HEAP_FACTOR if lean else PEFT_HEAP_FACTOR
+    return int(tokens * shape.layers * per_layer * factor)
 
 
 def fused_lora(setting: Setting) -> bool:
-    """Whether the trainer's fused LoRA layers run (edgetune.train.lora): adapters in the compute
-    dtype (fp32; bf16 compute keeps fp32 adapters) over a dense or CPU 4-bit base, not int8."""
+    """Whether the trainer's fused LoRA layers run (edgetune.train.lora): LoRA or rsLoRA with adapters
+    in the compute dtype (fp32; bf16 compute keeps fp32 adapters) over a dense or CPU 4-bit base,
+    not int8. Methods that learn inputs have no adapter layers at all: they count as lean too."""
     dense_base = setting.quant == "none" or (setting.quant == "nf4" and setting.device == "cpu")
-    return setting.dtype == "fp32" and dense_base
+    return METHODS[setting.method].fused and setting.dtype == "fp32" and dense_base
 
 
 def backward_work_bytes(shape: ModelShape, setting: Setting) -> int:
@@ -283,19 +304,23 @@ def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
         runtime = CUDA_CONTEXT_BYTES
     base = base_linear_bytes(shape, setting.quant, setting.dtype, setting.double_quant)
     kept = unquantized_bytes(shape, setting)
-    adapter = adapter_bytes(shape, setting.rank)
+    adapter = adapter_bytes(shape, setting)
     terms = {
         "runtime": runtime,
         "tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab,
         "base weights": base,
         "embeddings+norms": kept,
-        "lora": adapter,
-        "lora grads": adapter,
-        "optimizer": optimizer_bytes(shape, setting.rank, setting.optim),
+        "adapter": adapter,
+        "adapter grads": adapter,
+        "optimizer": optimizer_bytes(shape, setting),
         "activations": activation_bytes(shape, setting),
-        "backward": backward_work_bytes(shape, setting),
-        "loss": loss_bytes(shape, setting),
+        "backward": backward_work_bytes(shape, setting.positions),
+        "loss": loss_bytes(shape, setting.positions),
         "dequant": temporary_bytes(shape, setting),
     }
+    if setting.method == "adalora":
+        terms["adalora scores"] = adapters.ADALORA_SCORES * adapter
+    if setting.method == "dora":
+        terms["dora work"] = adapters.dora_work_bytes(shape)
     load = load_peak_bytes(shape, setting, runtime + terms["tokenizer"], base + kept)
     return Breakdown(terms, load)

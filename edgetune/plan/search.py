@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from edgetune.errors import EdgetuneError
+from edgetune.methods import METHODS
 from edgetune.plan.memory import OPTIMS, QUANTS, Breakdown, Setting, breakdown
 from edgetune.shape import ModelShape
 from edgetune.units import format_size
@@ -31,18 +32,32 @@ class Plan:
     dtype: str  # compute dtype: "bf16" or "fp32"
     seq_len: int
     memory: Breakdown
+    method: str = "lora"  # edgetune.methods
+    virtual_tokens: int = 20  # prompt, ptuning, prefix
 
     def describe(self) -> str:
         base = self.dtype if self.quant == "none" else self.quant
         ckpt = "checkpointing" if self.grad_checkpointing else "no checkpointing"
-        return (f"{base}, rank {self.rank}, batch {self.batch_size} x {self.grad_accum}, {ckpt}, "
+        return (f"{base}, {self._method_text()}, batch {self.batch_size} x {self.grad_accum}, {ckpt}, "
                 f"{self.optim}")
+
+    def _method_text(self) -> str:
+        chosen = METHODS[self.method]
+        if chosen.ranked:
+            return f"rank {self.rank}" if chosen.name == "lora" else f"{chosen.title} rank {self.rank}"
+        if chosen.virtual_tokens:
+            return f"{chosen.title}, {self.virtual_tokens} virtual tokens"
+        return chosen.title
 
     def train_flags(self) -> list[str]:
         """The `edgetune train` flags that run this plan."""
-        flags = ["--quant", self.quant, "--rank", str(self.rank), "--batch-size",
-                 str(self.batch_size), "--grad-accum", str(self.grad_accum), "--optim", self.optim,
-                 "--seq-len", str(self.seq_len), "--dtype", self.dtype]
+        chosen = METHODS[self.method]
+        flags = [] if chosen.name == "lora" else ["--method", chosen.name]
+        flags += ["--rank", str(self.rank)] if chosen.ranked else []
+        flags += ["--virtual-tokens", str(self.virtual_tokens)] if chosen.virtual_tokens else []
+        flags = ["--quant", self.quant] + flags + [
+            "--batch-size", str(self.batch_size), "--grad-accum", str(self.grad_accum), "--optim",
+            self.optim, "--seq-len", str(self.seq_len), "--dtype", self.dtype]
         return flags + ["--grad-checkpointing" if self.grad_checkpointing else "--no-grad-checkpointing"]
 
 
@@ -53,9 +68,14 @@ def _batches(target_batch: int) -> list[int]:
 
 def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_batch: int = 16,
                dtype: str = "bf16", quants: tuple[str, ...] = QUANTS,
-               ranks: tuple[int, ...] = RANKS, optims: tuple[str, ...] = OPTIMS) -> list[Plan]:
-    """Every setting of the search space, most preferred first, each with its breakdown."""
+               ranks: tuple[int, ...] = RANKS, optims: tuple[str, ...] = OPTIMS,
+               method: str = "lora", virtual_tokens: int = 20,
+               init_rank: int | None = None) -> list[Plan]:
+    """Every setting of the search space, most preferred first, each with its breakdown. Methods
+    without a rank (IA3, learned inputs) are planned once, at the first of `ranks`."""
     plans = []
+    if not METHODS[method].ranked:
+        ranks = ranks[:1]
     for quant in quants:
         for optim in optims:
             for rank in ranks:
@@ -63,9 +83,11 @@ def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_b
                     for batch in _batches(target_batch):
                         setting = Setting(quant=quant, rank=rank, batch_size=batch, seq_len=seq_len,
                                           grad_checkpointing=ckpt, optim=optim, dtype=dtype,
-                                          device=device)
+                                          device=device, method=method,
+                                          virtual_tokens=virtual_tokens, init_rank=init_rank)
                         plans.append(Plan(quant, rank, batch, math.ceil(target_batch / batch), ckpt,
-                                          optim, dtype, seq_len, breakdown(shape, setting)))
+                                          optim, dtype, seq_len, breakdown(shape, setting), method,
+                                          virtual_tokens))
     plans.sort(key=_preference)
     return plans
 
@@ -127,11 +149,11 @@ def alternatives(plans: list[Plan], chosen: Plan, n: int = 3) -> list[Plan]:
 
 
 def suggestion(shape: ModelShape, budget_bytes: int, *, seq_len: int, target_batch: int,
-               dtype: str = "bf16", device: str = "cpu") -> str:
+               dtype: str = "bf16", device: str = "cpu", **kwargs) -> str:
     """One line for the trainer's memory guard: the settings that fit the budget, as train flags."""
     try:
         plan = choose(shape, budget_bytes, seq_len=seq_len, device=device,
-                      target_batch=target_batch, dtype=dtype)
+                      target_batch=target_batch, dtype=dtype, **kwargs)
     except EdgetuneError as exc:
         return str(exc)
     return (f"`edgetune plan` suggests {plan.describe()} (predicted {format_size(plan.memory.train_peak)}"

@@ -295,10 +295,12 @@ def apply_plan(config: TrainConfig, model_dir: Path, device: str, dtype: Any) ->
     shape, budget, bf16 = _plan_inputs(config, model_dir, dtype)
     plan = choose(shape, budget, seq_len=config.seq_len, device=device,
                   target_batch=config.batch_size * config.grad_accum,
-                  dtype="bf16" if bf16 else "fp32", budget_flag=f"--ram {config.ram}")
+                  dtype="bf16" if bf16 else "fp32", budget_flag=f"--ram {config.ram}",
+                  **_method_kwargs(config))
     print(f"edgetune: --plan auto for --ram {config.ram}: {plan.describe()} "
           f"(predicted peak {plan.memory.total / 2**30:.2f} GiB)")
-    return dataclasses.replace(config, quant=plan.quant, rank=plan.rank, batch_size=plan.batch_size,
+    rank = plan.rank if method(config.method).ranked else config.rank
+    return dataclasses.replace(config, quant=plan.quant, rank=rank, batch_size=plan.batch_size,
                                grad_accum=plan.grad_accum, optim=plan.optim,
                                grad_checkpointing=plan.grad_checkpointing, plan=None)
 
@@ -309,7 +311,14 @@ def _suggestion(config: TrainConfig, model_dir: Path, dtype: Any) -> str:
     shape, budget, bf16 = _plan_inputs(config, model_dir, dtype)
     return suggestion(shape, budget, seq_len=config.seq_len,
                       target_batch=config.batch_size * config.grad_accum,
-                      dtype="bf16" if bf16 else "fp32", device=config.device.replace("auto", "cpu"))
+                      dtype="bf16" if bf16 else "fp32", device=config.device.replace("auto", "cpu"),
+                      **_method_kwargs(config))
+
+
+def _method_kwargs(config: TrainConfig) -> dict:
+    """The planner's view of the run's method."""
+    return {"method": method(config.method).name, "virtual_tokens": config.virtual_tokens,
+            "init_rank": config.init_rank}
 
 
 def _report(summary: Any, run_dir: Path) -> None:
