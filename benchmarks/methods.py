@@ -1,7 +1,8 @@
 """Every --method on the built-in tasks: what it learns, what it costs, and where it can be exported.
 
     python benchmarks/methods.py [--tasks dates,fields] [--methods lora,dora,...] [--work DIR]
-                                 [--results FILE] [--exports] [--report] [--force]
+                                 [--results FILE] [--exports] [--report] [--force] [--threads N]
+    python benchmarks/methods.py --speed REPEATS --methods lora,dora [--threads N]
 
 Per task (edgetune.examples.dates, the quick start's; edgetune.examples.fields, name and city
 extraction) and method: held-out exact match of the shipped SmolLM2-135M before and after training
@@ -63,7 +64,7 @@ def trainable_params(name: str, steps: int) -> int:
     return parameter_counts(model)[0]
 
 
-def train_one(task: str, name: str, work: Path) -> dict:
+def train_one(task: str, name: str, work: Path, threads: int | None) -> dict:
     from edgetune.quickstart import held_out_accuracy
 
     steps, lr = BUDGETS[name]
@@ -72,6 +73,7 @@ def train_one(task: str, name: str, work: Path) -> dict:
     args = ["--model", "smollm2-135m", "--data", str(train_file), "--eval-data", str(eval_file),
             "--method", name, "--steps", str(steps), "--batch-size", str(BATCH), "--lr", str(lr),
             "--seq-len", str(SEQ_LEN), "--eval-every", "0"]
+    args += ["--threads", str(threads)] if threads else []
     trained = run_train(args, run)
     accuracy, answers = held_out_accuracy(smollm2_dir(), run, held_out(eval_file))
     return {"steps": steps, "lr": lr, "batch": BATCH, "tuned_exact_match": accuracy,
@@ -118,6 +120,50 @@ def same_answers(run: Path, eval_file: Path, work: Path) -> dict:
     return result
 
 
+def step_times(names: list[str], repeats: int, work: Path) -> dict:
+    """Seconds per optimizer step of each method, the methods' steps interleaved in one process
+    (the same batch of 8 quick-start examples, packed as the trainer packs it), so that they share
+    the machine's load; the first step of each is left out as warm-up."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from edgetune.records import read_jsonl
+    from edgetune.train.adapters import hooks, peft_config
+    from edgetune.train.attention import use_segment_attention
+    from edgetune.train.config import TrainConfig
+    from edgetune.train.data import Batches, encode
+    from edgetune.train.loss import causal_lm_loss
+    from edgetune.train.model import add_adapter, load_base
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    examples = encode(tokenizer, *read_jsonl(str(task_files("dates", work)[0])))
+    models, batches = {}, {}
+    for name in names:  # "dora-peft": DoRA on PEFT's own forward, for what the fused layers save
+        method = name.removesuffix("-peft")
+        config = TrainConfig(data="unused.jsonl", method=method)
+        model = add_adapter(load_base(smollm2_dir(), torch.float32, "cpu"), peft_config(config, 40), 0,
+                            False, fuse=METHODS[method].fused and method == name, method_name=method)
+        packs = hooks(model, method).packs
+        if packs:
+            use_segment_attention(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        models[name] = (model, optimizer)
+        batches[name] = Batches(examples, BATCH, 0, tokenizer.pad_token_id, packed=packs).next()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats + 1):
+        for name in names:
+            model, optimizer = models[name]
+            start = time.perf_counter()
+            loss, n = causal_lm_loss(model, batches[name])
+            (loss / n).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": median(t[1:]), "steps_s": t[1:]} for name, t in times.items()}
+
+
 def report(results: dict, tasks: list[str], names: list[str]) -> None:
     print(f"\n{'task':<8}{'method':<9}{'steps':>6}{'lr':>8}{'base':>6}{'tuned':>7}{'gain':>6}"
           f"{'trainable':>12}{'adapter':>11}{'peak RSS':>10}{'tok/s':>7}  exports")
@@ -153,12 +199,32 @@ def main() -> None:
                         "on each dates run, and compare soft-prompt answers with llama.cpp's")
     parser.add_argument("--report", action="store_true", help="only re-print the saved results")
     parser.add_argument("--force", action="store_true", help="measure again what was measured")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for training and "
+                        "scoring (default: all cores)")
+    parser.add_argument("--speed", type=int, default=0, metavar="REPEATS",
+                        help="instead, time REPEATS interleaved steps of each of --methods in one "
+                        "process and print each method's step time against LoRA's")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results_file = Path(args.results or work / "results.json")
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     tasks, names = args.tasks.split(","), args.methods.split(",")
+
+    if args.speed:
+        times = step_times(names, args.speed, work)
+        results_file.with_name("speed.json").write_text(json.dumps(times, indent=2))
+        lora = times.get("lora", {}).get("median_s")
+        for name, entry in times.items():
+            spread = f"{min(entry['steps_s']):.2f}-{max(entry['steps_s']):.2f}"
+            ratio = f"{entry['median_s'] / lora:.2f}x LoRA" if lora else ""
+            print(f"{name:<9}{entry['median_s']:>8.2f} s/step (median of {len(entry['steps_s'])}, "
+                  f"{spread})  {ratio}")
+        return
 
     def measure(key: str, produce) -> None:
         if key in results and not args.force:
@@ -171,7 +237,7 @@ def main() -> None:
         for task in tasks:
             measure(f"base:{task}", lambda: base_accuracy(task, work))
             for name in names:
-                measure(f"{task}:{name}", lambda: train_one(task, name, work))
+                measure(f"{task}:{name}", lambda: train_one(task, name, work, args.threads))
         if args.exports:
             for name in names:
                 run = Path(results[f"dates:{name}"]["run"])

@@ -49,8 +49,9 @@ class Method:
 
     @property
     def fused(self) -> bool:
-        """Whether edgetune's fused LoRA layers (edgetune.train.lora) run it; others use PEFT's forward."""
-        return self.name in ("lora", "rslora")
+        """Whether edgetune's fused layers (edgetune.train.lora, edgetune.train.dora) run it over a
+        dense base; the others use PEFT's forward."""
+        return self.name in ("lora", "rslora", "dora")
 
 
 _FULL_RANK = ("rescales every row of the base weight, which no low-rank adapter can express; "

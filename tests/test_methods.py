@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from edgetune.constants import IGNORE
+from edgetune.methods import METHODS
 from edgetune.train.adapters import hooks, peft_config
 from edgetune.train.config import TrainConfig
 from edgetune.train.data import Example, collate, pack
@@ -30,7 +31,7 @@ def build(tiny_model, method: str, quant: str = "none", seed: int = 1):
     config = TrainConfig(data="unused.jsonl", method=method, rank=2, virtual_tokens=5,
                          **({"init_rank": 4} if method == "adalora" else {}))
     model = add_adapter(load_base(tiny_model, torch.float32, "cpu", quant), peft_config(config, 10), 0,
-                        False, fuse=method in ("lora", "rslora"), method_name=method)
+                        False, fuse=METHODS[method].fused, method_name=method)
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -158,3 +159,39 @@ def test_generation_after_learned_inputs(method, tiny_model):
                 ids = torch.cat([ids, torch.tensor([new[-1:]])], dim=1)
         expected.append(tokenizer.decode(new, skip_special_tokens=True).strip())
     assert generate_answers(model, tokenizer, prompts, 6, batch_size=2) == expected
+
+
+@pytest.mark.parametrize("arch,checkpointing", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_fused_dora_matches_peft(arch, checkpointing, tiny_factory):
+    """Same loss and gradients (A, B and the magnitude) as PEFT's DoRA forward, with q/k/v biases and
+    recomputation; the fused layers are the ones that ran."""
+    from peft.tuners.lora import LoraLayer
+
+    from edgetune.train import dora
+
+    config = TrainConfig(data="unused.jsonl", method="dora", rank=2)
+    model = add_adapter(load_base(tiny_factory(arch), torch.float32, "cpu"), peft_config(config, 10), 0,
+                        checkpointing, fuse=True, method_name="dora")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(p * (1 + 0.2 * torch.randn_like(p)) if "magnitude" in name else torch.randn_like(p) * 0.1)
+    model.train()
+    ids = torch.randint(0, 200, (2, 12))
+
+    def loss_fn():
+        return model(input_ids=ids).logits.square().mean()
+
+    calls, real = [], dora._DoraLinear.apply
+    dora._DoraLinear.apply = lambda *args: calls.append(1) or real(*args)
+    try:
+        fused = _loss_and_grads(model, loss_fn)
+    finally:
+        dora._DoraLinear.apply = real
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert len(calls) >= len(layers) == 14
+    for m in layers:  # PEFT's own forward, the class method the instance attribute shadows
+        del m.forward
+    for mine, reference in zip(fused, _loss_and_grads(model, loss_fn)):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-6)

@@ -64,9 +64,10 @@ def optimizer_bytes(tensors: list[int], optim: str) -> int:
 
 
 def adapter_activations(shape: ModelShape, method: str, rank: int, c: int, share: bool,
-                        init_rank: int | None = None) -> dict[str, int]:
+                        init_rank: int | None = None, fused: bool = False) -> dict[str, int]:
     """Bytes per token per layer that the method's layers keep, by source (c: compute dtype bytes;
-    share: an fp32 compute dtype, where the adapters' fp32 input casts are no-ops)."""
+    share: an fp32 compute dtype, where the adapters' fp32 input casts are no-ops; fused: edgetune's
+    own layers run, not PEFT's forward)."""
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
     if not METHODS[method].ranked:
         if method == "ia3":  # k and v outputs (scaled after the matmul), down_proj's input (before)
@@ -76,12 +77,14 @@ def adapter_activations(shape: ModelShape, method: str, rank: int, c: int, share
     n_qkv, n_gu = (1, 1) if share or shape.fused else (3, 2)
     terms = {"lora inputs": 4 * (n_qkv * h + n_gu * h + q + i),
              "lora A outputs": 4 * r * len(shape.linears())}
-    if method == "dora":  # the base output and the low-rank output, each rescaled by the magnitude
-        terms["dora outputs"] = (c + 4) * sum(b for _, b in shape.linears())
+    if method == "dora":  # the output before the magnitude's rescaling (PEFT: the base output and
+        # the low-rank output, in fp32, apart)
+        terms["dora outputs"] = (c if fused else c + 4) * sum(b for _, b in shape.linears())
     return terms
 
 
 def dora_work_bytes(shape: ModelShape) -> int:
     """PEFT's DoRA forms B @ A through an identity matrix and the updated weight for its norm, one
-    layer at a time: in x in and out x in fp32 temporaries for the widest layer."""
+    layer at a time: in x in and out x in fp32 temporaries for the widest layer (edgetune's fused
+    DoRA layers need neither)."""
     return max(4 * a * (a + b) for a, b in shape.linears())

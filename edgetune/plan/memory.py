@@ -187,7 +187,7 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
     terms = {
         "norms": 4 * (h + 1) * shape.norms_per_layer,  # fp32 copy of each norm's input, its 1/rms
         **adapters.adapter_activations(shape, setting.method, setting.rank, c, share,
-                                       setting.init_rank),
+                                       setting.init_rank, fused_lora(setting)),
         "attention": c * (2 * q + 2 * kept_kv) + 4 * shape.heads,  # q, k, v, output; fp32 logsumexp
         "mlp": 3 * c * i,  # gate output (silu's input), silu output, up output
     }
@@ -229,11 +229,13 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> int:
 
 
 def fused_lora(setting: Setting) -> bool:
-    """Whether the trainer's fused LoRA layers run (edgetune.train.lora): LoRA or rsLoRA with adapters
-    in the compute dtype (fp32; bf16 compute keeps fp32 adapters) over a dense or CPU 4-bit base,
-    not int8. Methods that learn inputs have no adapter layers at all: they count as lean too."""
-    dense_base = setting.quant == "none" or (setting.quant == "nf4" and setting.device == "cpu")
-    return METHODS[setting.method].fused and setting.dtype == "fp32" and dense_base
+    """Whether the trainer's fused layers run (edgetune.train.lora, .dora): LoRA or rsLoRA with
+    adapters in the compute dtype (fp32; bf16 compute keeps fp32 adapters) over a dense or CPU 4-bit
+    base, not int8; DoRA over a dense base only. Methods that learn inputs have no adapter layers at
+    all: they count as lean too."""
+    nf4_cpu = setting.quant == "nf4" and setting.device == "cpu" and setting.method != "dora"
+    return METHODS[setting.method].fused and setting.dtype == "fp32" and (setting.quant == "none"
+                                                                          or nf4_cpu)
 
 
 def backward_work_bytes(shape: ModelShape, setting: Setting) -> int:
@@ -320,7 +322,7 @@ def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
     }
     if setting.method == "adalora":
         terms["adalora scores"] = adapters.ADALORA_SCORES * adapter
-    if setting.method == "dora":
+    if setting.method == "dora" and not fused_lora(setting):
         terms["dora work"] = adapters.dora_work_bytes(shape)
     load = load_peak_bytes(shape, setting, runtime + terms["tokenizer"], base + kept)
     return Breakdown(terms, load)

@@ -229,7 +229,7 @@ def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str |
 def add_adapter(model: Any, config: Any, seed: int, grad_checkpointing: bool, fuse: bool,
                 method_name: str = "lora") -> Any:
     """Wrap the base in a PEFT model for the PEFT `config` (adapter weights fp32 for stable updates);
-    with `fuse`, LoRA layers are computed in place (edgetune.train.lora)."""
+    with `fuse`, LoRA and DoRA layers are computed in place (edgetune.train.lora, .dora)."""
     import torch
     from peft import get_peft_model
 
@@ -243,9 +243,11 @@ def add_adapter(model: Any, config: Any, seed: int, grad_checkpointing: bool, fu
         given = f" --target-modules {_listed(modules)}" if modules else ""
         raise EdgetuneError(f"--method {method_name}{given}: {str(exc).splitlines()[0]}") from None
     if fuse:
+        from edgetune.train.dora import fuse_dora
         from edgetune.train.lora import fuse_lora
 
         fuse_lora(peft_model)
+        fuse_dora(peft_model)
     if grad_checkpointing:
         checkpoint_layers(peft_model.get_base_model())
     return peft_model
