@@ -1,6 +1,7 @@
 """The planner against measured peak RSS: real `edgetune train` runs, each in a fresh process.
 
     python benchmarks/planner_accuracy.py [--only SUBSTRING] [--repeats N] [--results FILE] [--report]
+                                          [--methods]
 
 Each configuration trains 3 steps on data whose every example fills --seq-len (so activations are at
 their maximum); the peak is the child's maximum resident set (wait4 ru_maxrss), which counts the
@@ -46,10 +47,27 @@ CONFIGS = [
     ("gemma3-270m", "nf4", "adamw8bit", 16, 2, 256, True),
 ]
 
+# ---- Adapter methods other than LoRA (edgetune train --method): measured with --methods. --------
+# (model, quant, optim, rank, batch, seq_len, checkpointing, method)
+METHOD_CONFIGS = [
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "lora"),  # the same run with LoRA
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "dora"),
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "ia3"),
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "prompt"),
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "adalora"),
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "prefix"),
+]
+# ---- end of the method rows ------------------------------------------------------------------
+
+
+def method_of(config: tuple) -> str:
+    return config[7] if len(config) > 7 else "lora"
+
 
 def key(config: tuple) -> str:
-    model, quant, optim, rank, batch, seq, ckpt = config
-    return f"{model} {quant} {optim} r{rank} {batch}x{seq}{' ckpt' if ckpt else ''}"
+    model, quant, optim, rank, batch, seq, ckpt = config[:7]
+    method = f" {method_of(config)}" if len(config) > 7 else ""
+    return f"{model} {quant} {optim} r{rank} {batch}x{seq}{' ckpt' if ckpt else ''}{method}"
 
 
 def model_dir(name: str, work: Path) -> Path:
@@ -57,9 +75,10 @@ def model_dir(name: str, work: Path) -> Path:
 
 
 def measure(config: tuple, work: Path, dtype: str, repeats: int) -> dict:
-    model, quant, optim, rank, batch, seq, ckpt = config
+    model, quant, optim, rank, batch, seq, ckpt = config[:7]
     data = full_length_text(work / f"data-{seq}.jsonl", 64, seq * 2)
     args = ["--model", str(model_dir(model, work)), "--data", str(data), "--steps", "3",
+            "--method", method_of(config),
             "--batch-size", str(batch), "--seq-len", str(seq), "--rank", str(rank), "--quant", quant,
             "--optim", optim, "--dtype", dtype, "--eval-split", "0", "--eval-every", "0",
             "--grad-checkpointing" if ckpt else "--no-grad-checkpointing"]
@@ -73,18 +92,18 @@ def measure(config: tuple, work: Path, dtype: str, repeats: int) -> dict:
 
 
 def predict(config: tuple, work: Path, dtype: str) -> tuple[int, float]:
-    model, quant, optim, rank, batch, seq, ckpt = config
+    model, quant, optim, rank, batch, seq, ckpt = config[:7]
     shape = shape_from_model_dir(model_dir(model, work))
     setting = Setting(quant=quant, rank=rank, batch_size=batch, seq_len=seq,
-                      grad_checkpointing=ckpt, optim=optim, dtype=dtype)
+                      grad_checkpointing=ckpt, optim=optim, dtype=dtype, method=method_of(config))
     return breakdown(shape, setting).peak, tokens_per_second(shape, setting, cached_gflops())
 
 
-def report(results: dict, work: Path, dtype: str) -> None:
-    print(f"\n{'configuration':<44}{'predicted':>11}{'measured':>11}{'error':>8}"
+def report(results: dict, work: Path, dtype: str, configs: list) -> None:
+    print(f"\n{'configuration':<52}{'predicted':>11}{'measured':>11}{'error':>8}"
           f"{'spread':>11}{'tok/s pred':>12}{'tok/s meas':>12}{'error':>8}")
     errors, speed_errors = [], []
-    for config in CONFIGS:
+    for config in configs:
         entry = results.get(key(config))
         if entry is None:
             continue
@@ -97,7 +116,7 @@ def report(results: dict, work: Path, dtype: str) -> None:
             speed_errors.append(speed_error)
         peaks = entry.get("peaks", [entry["peak_rss"]])
         spread = f"{min(peaks) / 2**30:.2f}-{max(peaks) / 2**30:.2f}" if len(peaks) > 1 else ""
-        print(f"{key(config):<44}{predicted / 2**30:>8.2f} GiB{entry['peak_rss'] / 2**30:>8.2f} GiB"
+        print(f"{key(config):<52}{predicted / 2**30:>8.2f} GiB{entry['peak_rss'] / 2**30:>8.2f} GiB"
               f"{error:>+8.1%}{spread:>11}{speed:>12.0f}{measured_speed or 0:>12.0f}"
               f"{speed_error:>+8.0%}")
     if errors:
@@ -112,6 +131,8 @@ def report(results: dict, work: Path, dtype: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run only configurations whose name contains this")
+    parser.add_argument("--methods", action="store_true",
+                        help="the adapter-method rows (METHOD_CONFIGS) instead of the LoRA ones")
     parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per configuration")
     parser.add_argument("--results", default=str(Path(tempfile.gettempdir()) / "planner_accuracy.json"))
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "planner_accuracy"))
@@ -119,17 +140,18 @@ def main() -> None:
                         help="compute dtype of the runs (fp32 on CPUs without native bf16)")
     parser.add_argument("--report", action="store_true", help="only re-print the saved results")
     args = parser.parse_args()
+    configs = METHOD_CONFIGS if args.methods else CONFIGS
     work, results_file = Path(args.work), Path(args.results)
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if not args.report:
-        for config in CONFIGS:
+        for config in configs:
             if args.only not in key(config):
                 continue
             results[key(config)] = measure(config, work, args.dtype, args.repeats)
             results_file.write_text(json.dumps(results, indent=2))
             print(f"{key(config)}: peak {results[key(config)]['peak_rss'] / 2**30:.2f} GiB", flush=True)
-    report(results, work, args.dtype)
+    report(results, work, args.dtype, configs)
 
 
 if __name__ == "__main__":
