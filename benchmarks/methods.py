@@ -105,7 +105,7 @@ def try_exports(run: Path, work: Path) -> dict:
 
 def same_answers(run: Path, eval_file: Path, work: Path) -> dict:
     """Greedy answers of the torch model with the soft prompt against llama.cpp's, prompt by prompt."""
-    from edgetune.export.soft_prompt import torch_and_llama_answers
+    from edgetune.export.run import torch_and_llama_answers
 
     out = work / "export-soft"
     subprocess.run([sys.executable, "-m", "edgetune", "export", str(run), "--output", str(out),

@@ -82,7 +82,7 @@ def test_soft_prompt_is_what_makes_llama_cpp_agree(soft_export, tiny_model):
 
 def test_soft_prompt_answers_as_in_torch(soft_export, capsys):
     """Greedy answers through llama.cpp (edgetune run --soft-prompt) equal PEFT's in torch."""
-    from edgetune.export.soft_prompt import torch_and_llama_answers
+    from edgetune.export.run import torch_and_llama_answers
 
     out = soft_export / "export"
     records = [{"instruction": f"Say {i} twice.", "output": ""} for i in range(3)]

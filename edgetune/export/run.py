@@ -5,11 +5,14 @@ handler guesses a format from the metadata and, for SmolLM2's GGUF, produced gar
 ChatML prompt sent raw answered correctly.
 """
 
+import json
+from datetime import datetime
 from pathlib import Path
 
 from edgetune import templates
 from edgetune.errors import EdgetuneError
 from edgetune.export.config import RunConfig
+from edgetune.runfiles import ADAPTER_CONFIG
 
 
 def render_template(template: str, messages: list[dict], bos: str = "", eos: str = "") -> str:
@@ -94,6 +97,30 @@ def _after_soft_prompt(llm, embeddings, text: str, stops: list[str], max_tokens:
         if len(out) == max_tokens:
             break
     return llm.detokenize(out).decode("utf-8", errors="replace").strip()
+
+
+def torch_and_llama_answers(run: Path, gguf: Path, soft_prompt: Path, records: list[dict],
+                            max_tokens: int = 16) -> list[tuple[str, str]]:
+    """(torch's greedy answer with the run's adapter, llama.cpp's with `gguf` and `soft_prompt`) for
+    each alpaca record's prompt, one prompt at a time (no padding on either side)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgetune.records import prompt_messages
+    from edgetune.train.evaluate import generate_answers
+
+    base_dir = json.loads((Path(run) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      run)
+    pairs = []
+    for record in records:
+        messages = prompt_messages(record, "alpaca")
+        ours = generate_answers(model, tokenizer, [messages], max_tokens, batch_size=1)[0]
+        theirs = answer(gguf, messages[-1]["content"], max_tokens, soft_prompt=soft_prompt)
+        pairs.append((ours, theirs))
+    return pairs
 
 
 def main(config: RunConfig) -> int:

@@ -69,28 +69,3 @@ def logits_with(model, ids, embeddings):
     tokens = model.get_input_embeddings()(ids)
     prompt = torch.as_tensor(embeddings, dtype=tokens.dtype)[None].expand(ids.shape[0], -1, -1)
     return model(inputs_embeds=torch.cat([prompt, tokens], dim=1)).logits[:, len(embeddings):]
-
-
-def torch_and_llama_answers(run: Path, gguf: Path, soft_prompt: Path, records: list[dict],
-                            max_tokens: int = 16) -> list[tuple[str, str]]:
-    """(torch's greedy answer with the run's adapter, llama.cpp's with `gguf` and `soft_prompt`) for
-    each alpaca record's prompt, one prompt at a time (no padding on either side)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgetune.export.run import answer
-    from edgetune.records import prompt_messages
-    from edgetune.train.evaluate import generate_answers
-
-    base_dir = json.loads((run / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                      run)
-    pairs = []
-    for record in records:
-        messages = prompt_messages(record, "alpaca")
-        ours = generate_answers(model, tokenizer, [messages], max_tokens, batch_size=1)[0]
-        theirs = answer(gguf, messages[-1]["content"], max_tokens, soft_prompt=soft_prompt)
-        pairs.append((ours, theirs))
-    return pairs
