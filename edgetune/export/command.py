@@ -90,8 +90,9 @@ class Formats:
     onnx_generic: bool
 
 
-def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
-    """The formats asked for, else what the --target device profile chooses."""
+def plan_formats(config: ExportConfig, model_dir: Path, method: Method | None = None) -> Formats:
+    """The formats asked for, else what the --target device profile chooses (GGUF only for a method
+    that learns inputs: an ONNX model cannot take them)."""
     formats = Formats(config.gguf_types, config.onnx_types, config.onnx_generic)
     if config.onnx_generic and not formats.onnx:
         formats.onnx.append("fp32")
@@ -100,6 +101,10 @@ def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
 
         for item in choose_export(config.target, model_dir, config.ctx):
             kind, _, value = item.partition(":")
+            if kind != "gguf" and method is not None and not method.folds:
+                print(f"edgetune: --target {config.target}: leaving out {kind} {value}, which cannot "
+                      f"carry {method.title}")
+                continue
             (formats.gguf if kind == "gguf" else formats.onnx).append(value)
             formats.onnx_generic |= kind == "onnx-generic"
     return formats
@@ -173,7 +178,7 @@ def main(config: ExportConfig) -> int:
         if config.gguf_adapter and source.adapter_dir is None:
             raise EdgetuneError(f"--gguf-adapter: {config.run} is a model, "
                                 "not a training run with an adapter")
-        formats = plan_formats(config, source.model_dir)
+        formats = plan_formats(config, source.model_dir, source.method)
         _check_imatrix_available(config, source, formats)
         check_carried(source.method, config, formats)
         with folders.disk_errors(out.parent):
