@@ -47,7 +47,8 @@ def soft_export(tiny_model, tmp_path_factory):
 
 def test_soft_prompt_travels_beside_the_base_gguf(soft_export):
     out = soft_export / "export"
-    assert sorted(p.name for p in out.iterdir()) == ["base-f16.gguf", "base-q8_0.gguf", "report.json",
+    assert sorted(p.name for p in out.iterdir()) == ["base-f16.gguf", "base-q8_0.gguf",
+                                                     "edgetune_export.yaml", "report.json",
                                                      "report.md", "soft-prompt.safetensors"]
     from safetensors import safe_open
 
