@@ -26,8 +26,6 @@ class Method:
     kind: str  # "low-rank", "scaling", "embeddings" (virtual tokens) or "prefix" (keys and values)
     # Why llama.cpp cannot load it as a GGUF adapter over the base; None when it can.
     no_gguf_adapter: str | None = None
-    # Why it cannot train over a 4/8-bit base; None when PEFT wraps bitsandbytes layers for it.
-    no_quantized_base: str | None = None
 
     @property
     def folds(self) -> bool:

@@ -109,9 +109,6 @@ class TrainConfig:
         if self.target_modules is not None and not chosen.ranked and chosen.name != "ia3":
             raise EdgetuneError(f"--target-modules does not apply to --method {chosen.name}: it adapts "
                                 "no layer, it learns inputs")
-        if self.quant != "none" and chosen.no_quantized_base:
-            raise EdgetuneError(f"--method {chosen.name} cannot train over --quant {self.quant}: "
-                                f"{chosen.no_quantized_base}")
 
     def _check_values(self) -> None:
         if not 0 <= self.dropout < 1:
