@@ -164,6 +164,15 @@ def step_times(names: list[str], repeats: int, work: Path) -> dict:
     return {name: {"median_s": median(t[1:]), "steps_s": t[1:]} for name, t in times.items()}
 
 
+def report_speed(times: dict) -> None:
+    lora = times.get("lora", {}).get("median_s")
+    for name, entry in times.items():
+        spread = f"{min(entry['steps_s']):.2f}-{max(entry['steps_s']):.2f}"
+        ratio = f"{entry['median_s'] / lora:.2f}x LoRA" if lora else ""
+        print(f"{name:<10}{entry['median_s']:>8.2f} s/step (median of {len(entry['steps_s'])}, "
+              f"{spread})  {ratio}")
+
+
 def report(results: dict, tasks: list[str], names: list[str]) -> None:
     print(f"\n{'task':<8}{'method':<9}{'steps':>6}{'lr':>8}{'base':>6}{'tuned':>7}{'gain':>6}"
           f"{'trainable':>12}{'adapter':>11}{'peak RSS':>10}{'tok/s':>7}  exports")
@@ -218,12 +227,7 @@ def main() -> None:
     if args.speed:
         times = step_times(names, args.speed, work)
         results_file.with_name("speed.json").write_text(json.dumps(times, indent=2))
-        lora = times.get("lora", {}).get("median_s")
-        for name, entry in times.items():
-            spread = f"{min(entry['steps_s']):.2f}-{max(entry['steps_s']):.2f}"
-            ratio = f"{entry['median_s'] / lora:.2f}x LoRA" if lora else ""
-            print(f"{name:<9}{entry['median_s']:>8.2f} s/step (median of {len(entry['steps_s'])}, "
-                  f"{spread})  {ratio}")
+        report_speed(times)
         return
 
     def measure(key: str, produce) -> None:
