@@ -10,9 +10,8 @@ Every constant below was measured on `edgetune train` (torch 2.13 CPU, transform
 bitsandbytes 0.50) and is checked by benchmarks/planner_accuracy.py.
 """
 
-from dataclasses import dataclass, field
-
 import dataclasses
+from dataclasses import dataclass, field
 
 from edgetune.constants import (DEQUANT_BUFFER_ELEMENTS, LEAN_MMAP_THRESHOLD, LOSS_BLOCK_ROWS,
                                 LOSS_LOGITS_ELEMENTS, WIDEN_ELEMENTS)
