@@ -2,6 +2,7 @@
 
     python benchmarks/methods.py [--tasks dates,fields] [--methods lora,dora,...] [--work DIR]
                                  [--results FILE] [--exports] [--report] [--force] [--threads N]
+                                 [--steps N]
     python benchmarks/methods.py --speed REPEATS --methods lora,dora [--threads N]
 
 Per task (edgetune.examples.dates, the quick start's; edgetune.examples.fields, name and city
@@ -64,10 +65,11 @@ def trainable_params(name: str, steps: int) -> int:
     return parameter_counts(model)[0]
 
 
-def train_one(task: str, name: str, work: Path, threads: int | None) -> dict:
+def train_one(task: str, name: str, work: Path, threads: int | None, steps: int | None) -> dict:
     from edgetune.quickstart import held_out_accuracy
 
-    steps, lr = BUDGETS[name]
+    budget, lr = BUDGETS[name]
+    steps = steps or budget
     train_file, eval_file = task_files(task, work)
     run = work / f"run-{task}-{name}"
     args = ["--model", "smollm2-135m", "--data", str(train_file), "--eval-data", str(eval_file),
@@ -210,6 +212,8 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="measure again what was measured")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for training and "
                         "scoring (default: all cores)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of every method "
+                        "instead of its budget (the smallest count that shows the gain)")
     parser.add_argument("--speed", type=int, default=0, metavar="REPEATS",
                         help="instead, time REPEATS interleaved steps of each of --methods in one "
                         "process and print each method's step time against LoRA's")
@@ -241,7 +245,7 @@ def main() -> None:
         for task in tasks:
             measure(f"base:{task}", lambda: base_accuracy(task, work))
             for name in names:
-                measure(f"{task}:{name}", lambda: train_one(task, name, work, args.threads))
+                measure(f"{task}:{name}", lambda: train_one(task, name, work, args.threads, args.steps))
         if args.exports:
             for name in names:
                 run = Path(results[f"dates:{name}"]["run"])

@@ -6,7 +6,6 @@ ChatML prompt sent raw answered correctly.
 """
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 from edgetune import templates
