@@ -11,7 +11,7 @@ Here the norm comes from r x out products, without forming B A or the updated we
 ||W + s B A||^2 = ||W||^2 + 2 s sum(B * (W A^T)) + s^2 sum(B (A A^T) * B) per row, with ||W||^2 of
 the frozen weight computed once. The output is written as in `edgetune.train.lora` and one output-
 sized tensor (before the rescaling) is kept for the magnitude's gradient. The values are PEFT's up to
-the order of floating-point operations (tests/test_lora.py). Layers this does not cover (a base
+the order of floating-point operations (tests/test_methods.py). Layers this does not cover (a base
 that is not a plain dense layer in the input's dtype, dropout, several adapters) keep PEFT's forward.
 """
 
