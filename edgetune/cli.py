@@ -22,8 +22,10 @@ VERBS = {
               "edgetune.train.config:TrainConfig", "edgetune.train.command"),
     "distill": ("train a student on a teacher's top-k log-probs or responses, the teacher in llama.cpp",
                 "edgetune.distill.config:DistillConfig", "edgetune.distill.command"),
-    "export": ("merge a run's adapter and write verified GGUF or ONNX files",
+    "export": ("merge a run's adapter and write verified GGUF, ONNX, ExecuTorch or LiteRT-LM files",
                "edgetune.export.config:ExportConfig", "edgetune.export.command"),
+    "merge": ("combine several LoRA runs into one adapter (linear, TIES, DARE, SVD, cat)",
+              "edgetune.merge:MergeConfig", "edgetune.merge"),
     "run": ("chat with a GGUF model through llama.cpp",
             "edgetune.export.config:RunConfig", "edgetune.export.run"),
     "devices": ("list the device profiles export can target",
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         config = build(cls, overrides.get("config"), overrides)
         return importlib.import_module(VERBS[args.verb][2]).main(config) or 0
     except EdgetuneError as exc:
-        print(f"edgetune: {exc}", file=sys.stderr)
+        if str(exc):  # empty: one process of a run stopping after another said why
+            print(f"edgetune: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # a signal outside the training loop, which checkpoints itself
         from edgetune.signals import exit_status

@@ -46,11 +46,11 @@ def given_names(config: Any) -> frozenset[str]:
 
 
 def _base_type(annotation: Any) -> type:
-    """`int | None` -> int; plain types pass through."""
+    """`int | None` -> int; `tuple[str, ...]` -> tuple; plain types pass through."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0]
-    return annotation
+        return _base_type(args[0])
+    return typing.get_origin(annotation) or annotation
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
@@ -58,6 +58,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     field_type = _base_type(typing.get_type_hints(cls)[name])
     if value is None:
         return None
+    if field_type is tuple:  # a repeatable flag, or a YAML list (one bare value counts as a list)
+        return tuple(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
     try:
         if field_type is bool:
             if isinstance(value, bool):
@@ -115,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         field_type = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = meta.get("help", "")
-        if default not in (None, "", False) and field_type is not bool:
+        if default not in (None, "", False, ()) and field_type is not bool:
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if meta.get("choices"):
@@ -124,10 +126,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["metavar"] = meta["metavar"]
         if field_type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif field_type is tuple:  # several values: a positional takes them all, a flag repeats
+            kwargs["type"] = str
+            if meta.get("positional"):
+                kwargs["nargs"] = "*"
+            else:
+                kwargs["action"] = "append"
         else:
             kwargs["type"] = field_type
         if meta.get("positional"):
-            parser.add_argument(f.name, nargs="?", **kwargs)
+            kwargs.setdefault("nargs", "?")
+            parser.add_argument(f.name, **kwargs)
         else:
             name = meta.get("flag") or f.name
             parser.add_argument("--" + name.replace("_", "-"), dest=f.name, **kwargs)

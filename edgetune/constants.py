@@ -18,3 +18,8 @@ LEAN_MMAP_THRESHOLD = 2**20
 # llama.cpp processes a prompt in batches of this many tokens (its default n_ubatch): the scratch
 # buffers of a device prediction, and what a sliding-window layer's cache keeps beyond its window.
 PREFILL_BATCH = 512
+# The trainer's default micro-batch and gradient accumulation. `edgetune plan` plans for the effective
+# batch they make unless given --batch, so that it answers the question `edgetune train --plan auto`
+# asks with the same defaults.
+BATCH_SIZE = 4
+GRAD_ACCUM = 1

@@ -6,12 +6,21 @@ from pathlib import Path
 from edgetune.errors import EdgetuneError
 
 
+def no_config(model_dir: str | Path) -> str:
+    """The one line for a model folder without config.json, naming what would work instead."""
+    ggufs = sorted(Path(model_dir).glob("*.gguf"))
+    if ggufs:
+        return (f"model folder {model_dir} has no config.json but holds {ggufs[0].name}: "
+                f"pass --model {Path(model_dir) / ggufs[0].name}")
+    return (f"model folder {model_dir} has no config.json: pass a Hugging Face model folder "
+            "(config.json, safetensors weights, tokenizer), a .gguf file or a built-in model name")
+
+
 def read_config(model_dir: str | Path) -> dict:
     """config.json of an HF folder as a dict; a missing or unreadable file is a user error."""
     file = Path(model_dir) / "config.json"
     if not file.is_file():
-        raise EdgetuneError(f"model folder {model_dir} has no config.json: pass a Hugging Face model "
-                            "folder (config.json, safetensors weights, tokenizer)")
+        raise EdgetuneError(no_config(model_dir))
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -101,7 +101,9 @@ def resolve(ref: str, cache_dir: str | None = None) -> Path:
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise EdgetuneError(f"model folder {ref} has no config.json")
+            from edgetune.hf import no_config
+
+            raise EdgetuneError(no_config(ref))
         return path
     if path.is_file():
         if path.suffix != ".gguf":

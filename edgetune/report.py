@@ -45,6 +45,8 @@ def run_summary(run_dir: Path, records: list[dict]) -> list[str]:
         saved = yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
     except yaml.YAMLError as exc:
         raise EdgetuneError(f"{run_dir / RUN_CONFIG}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if isinstance(saved.get("merge"), dict):
+        return merge_summary(run_dir, saved)
     base = saved.get("quant") if saved.get("quant") not in (None, "none") else saved.get("dtype")
     lines = [f"{run_dir}: {saved.get('model')} on {saved.get('data')}",
              f"  {_method_text(saved)}, base {base}, batch "
@@ -66,6 +68,18 @@ def run_summary(run_dir: Path, records: list[dict]) -> list[str]:
     if checkpoints:
         lines.append(f"  checkpoints: {', '.join(checkpoints)}")
     return lines
+
+
+def merge_summary(run_dir: Path, saved: dict) -> list[str]:
+    """The lines for a run folder written by `edgetune merge`."""
+    merge = saved["merge"]
+    weights = ", ".join(f"{w:g}" for w in merge.get("weights", []))
+    lines = [f"{run_dir}: merge of {len(merge.get('inputs', []))} runs on {saved.get('model')}",
+             f"  {merge.get('method')} (weights {weights}) at rank {merge.get('rank')}"]
+    energy = merge.get("energy_kept")
+    if energy:
+        lines[-1] += f"; energy kept min {energy['min']:.2%}, median {energy['median']:.2%}"
+    return lines + [f"  input: {run}" for run in merge.get("inputs", [])]
 
 
 def export_summary(folder: Path) -> str:

@@ -18,3 +18,4 @@ REPORT = "report.json"  # an export's verification rows
 REPORT_MD = "report.md"  # the same as a table a person reads
 QUICKSTART_RESULT = "quickstart.json"  # the quick start's result; marks its output folder
 LOCK = ".edgetune.lock"  # held (fcntl.flock) while a process writes the folder
+MERGE_RECORD = "edgetune_merge.yaml"  # what `edgetune merge --full` merged; marks the merged model

@@ -5,6 +5,7 @@ Readers touch only the config file or the GGUF header; no weights are loaded and
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ class ModelShape:
     file_dtype: str = "bfloat16"  # how the checkpoint stores its weights on disk
     sliding_window: int | None = None  # Gemma 3: tokens a local (sliding-window) layer attends to
     sliding_layers: int = 0  # how many of the layers are local
+    max_positions: int | None = None  # longest sequence it was built for (max_position_embeddings)
 
     @property
     def q_dim(self) -> int:
@@ -46,16 +48,21 @@ class ModelShape:
 
     def linears(self) -> list[tuple[int, int]]:
         """(in, out) of each linear layer LoRA adapts in one decoder layer: q, k, v, o, gate, up, down."""
+        return list(self._linears)
+
+    @cached_property
+    def _linears(self) -> tuple[tuple[int, int], ...]:
+        # Cached: the planner's search asks for these thousands of times over the catalogue.
         h, i = self.hidden, self.intermediate
         if self.fused:
-            return [(h, self.q_dim + 2 * self.kv_dim), (self.q_dim, h), (h, 2 * i), (i, h)]
-        return [(h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h),
-                (h, i), (h, i), (i, h)]
+            return ((h, self.q_dim + 2 * self.kv_dim), (self.q_dim, h), (h, 2 * i), (i, h))
+        return ((h, self.q_dim), (h, self.kv_dim), (h, self.kv_dim), (self.q_dim, h),
+                (h, i), (h, i), (i, h))
 
-    @property
+    @cached_property
     def linear_params(self) -> int:
         """Weights of all decoder linear layers: the part 4/8-bit quantization shrinks."""
-        return self.layers * sum(a * b for a, b in self.linears())
+        return self.layers * sum(a * b for a, b in self._linears)
 
     @property
     def embedding_params(self) -> int:
@@ -94,7 +101,11 @@ class ModelShape:
 
     def lora_params(self, rank: int) -> int:
         """A (rank x in) plus B (out x rank) for every adapted linear layer."""
-        return self.layers * sum(rank * (a + b) for a, b in self.linears())
+        return self.layers * rank * self._linear_widths
+
+    @cached_property
+    def _linear_widths(self) -> int:
+        return sum(a + b for a, b in self._linears)
 
 
 # config.json "model_type" -> per-architecture extras the generic keys do not carry.
@@ -134,7 +145,8 @@ def shape_from_config(config: dict, name: str = "model") -> ModelShape:
         head_dim=head_dim(config),
         intermediate=config["intermediate_size"], vocab=config["vocab_size"],
         tied=bool(config.get("tie_word_embeddings", False)),
-        file_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16", **extras)
+        file_dtype=dtype if dtype in DTYPE_BYTES else "bfloat16",
+        max_positions=config.get("max_position_embeddings"), **extras)
 
 
 def shape_from_model_dir(path: str | Path) -> ModelShape:
@@ -171,6 +183,7 @@ def shape_from_gguf_fields(fields: dict, name: str = "model") -> ModelShape:
               "head_dim": key("attention.key_length", hidden // heads),
               "intermediate_size": key("feed_forward_length"), "vocab_size": vocab,
               "tie_word_embeddings": not fields.get("has_output_tensor", False),
+              "max_position_embeddings": fields.get(f"{arch}.context_length"),
               "dtype": "float32"}  # edgetune dequantizes GGUF models to a float32 checkpoint
     window = fields.get(f"{arch}.attention.sliding_window")
     if window:  # llama.cpp's gemma3 default: every 6th layer global

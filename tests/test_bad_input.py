@@ -82,7 +82,11 @@ def test_model_folders_missing_what_training_needs(tiny_model, data, tmp_path, c
     no_weights = copy_model(tiny_model, tmp_path, drop=("model.safetensors",))
     fails(capsys, train_argv(no_weights, data, tmp_path / "run"), "has no weights")
     (no_weights / "config.json").unlink()
-    fails(capsys, train_argv(no_weights, data, tmp_path / "run"), "has no config.json")
+    fails(capsys, train_argv(no_weights, data, tmp_path / "run"), "has no config.json: pass a Hugging "
+          "Face model folder (config.json, safetensors weights, tokenizer), a .gguf file or a built-in")
+    (no_weights / "model.gguf").write_bytes(b"GGUF")
+    fails(capsys, train_argv(no_weights, data, tmp_path / "run"),
+          f"has no config.json but holds model.gguf: pass --model {no_weights / 'model.gguf'}")
     assert not (tmp_path / "run").exists()
 
 

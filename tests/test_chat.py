@@ -157,8 +157,8 @@ def test_target_picks_formats_from_the_device_profile(tiny_model, monkeypatch):
     from edgetune.devices import selection
     from edgetune.export.command import plan_formats
 
-    monkeypatch.setattr(selection, "choose_export", lambda name, model_dir, ctx: ["onnx-generic:int8"])
+    monkeypatch.setattr(selection, "choose_export", lambda name, model_dir, ctx, unavailable: ["onnx-generic:int8"])
     formats = plan_formats(ExportConfig(run="r", target="pi"), tiny_model)
     assert (formats.gguf, formats.onnx, formats.onnx_generic) == ([], ["int8"], True)
-    explicit = plan_formats(ExportConfig(run="r", target="pi", gguf="q8_0"), tiny_model)
+    explicit = plan_formats(ExportConfig(run="r", target="rpi5-8gb", gguf="q8_0"), tiny_model)
     assert (explicit.gguf, explicit.onnx) == (["q8_0"], [])

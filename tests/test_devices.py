@@ -58,7 +58,8 @@ def test_builtin_profiles_load_with_required_keys_and_sources():
     pi5 = profiles["rpi5-8gb"]
     assert pi5.ram_bytes == 8 * 2**30 and pi5.cores == 4 and "dotprod" in pi5.isa
     assert pi5.usable_bytes == int(8 * 2**30 * 0.85)
-    assert profiles["iphone-6gb"].formats == ("gguf", "onnx")
+    assert profiles["iphone-6gb"].formats == ("executorch", "gguf", "onnx")
+    assert profiles["android-8gb"].formats == ("executorch", "litert", "gguf", "onnx", "onnx-generic")
 
 
 def test_parameter_count_matches_smollm2():
@@ -90,7 +91,8 @@ def test_selection_prefers_q8_0_when_it_fits(tmp_path):
     assert choose_export("rpi5-8gb", folder, 2048) == ["gguf:q8_0"]
     names = [c.name for c in fits("rpi5-8gb", folder, 2048).choices]
     assert names == ["gguf:q8_0", "onnx:int8", "onnx-generic:int8"]  # one per format, preferred first
-    assert [c.name for c in fits("iphone-6gb", folder, 2048).choices] == ["gguf:q8_0", "onnx:int8"]
+    assert [c.name for c in fits("iphone-6gb", folder, 2048).choices] == ["executorch:8da8w", "gguf:q8_0",
+                                                                         "onnx:int8"]
 
 
 def test_selection_falls_back_to_a_smaller_quant(tmp_path):

@@ -88,13 +88,16 @@ def test_peft_features_fall_back_to_peft(tiny_model):
     assert not torch.allclose(plain, disabled)
 
 
-def test_int8_base_keeps_peft_forward(tiny_model):
-    """int8 layers have no dense weight to fuse with: PEFT's forward, as the planner assumes."""
+def test_int8_base_on_the_cpu_is_fused(tiny_model):
+    """int8 layers on the CPU widen into the shared buffer (train/eightbit.py) and fuse, as the
+    planner assumes; bf16 compute with fp32 adapters keeps PEFT's forward."""
     from edgetune.plan.memory import Setting, fused_lora
 
     model = add_lora(load_base(tiny_model, torch.float32, "cpu", "int8"), 4, 8.0, 0.0, "all-linear", 0,
                      False)
     with _fused_calls() as calls:
         model(input_ids=torch.randint(0, 200, (1, 8)))
-    assert calls == [] and not fused_lora(Setting(quant="int8", dtype="fp32"))
+    assert len(calls) == 2 * 7 and fused_lora(Setting(quant="int8", dtype="fp32"))
     assert fused_lora(Setting(quant="nf4", dtype="fp32")) and fused_lora(Setting(dtype="fp32"))
+    assert not fused_lora(Setting(quant="int8", dtype="fp32", device="cuda"))
+    assert not fused_lora(Setting(quant="int8", dtype="bf16"))

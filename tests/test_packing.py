@@ -47,11 +47,13 @@ def loss_and_grads(model, batch) -> list[torch.Tensor]:
     return [loss.detach(), torch.tensor(n)] + grads
 
 
-@pytest.mark.parametrize("segment_attention", [False, True])
-def test_packed_batch_trains_like_the_padded_batch(lora_model, segment_attention):
+@pytest.mark.parametrize("segment_attention,lengths", [
+    (False, [17, 40, 9, 33]), (True, [17, 40, 9, 33]),
+    (True, [16, 16, 16, 9, 16, 16])])  # runs of equal lengths go through SDPA as one batch
+def test_packed_batch_trains_like_the_padded_batch(lora_model, segment_attention, lengths):
     from edgetune.train.attention import use_segment_attention
 
-    batch = examples([17, 40, 9, 33])
+    batch = examples(lengths)
     padded = loss_and_grads(lora_model, collate(batch, pad_id=0))
     if segment_attention:
         use_segment_attention(lora_model)
@@ -97,3 +99,10 @@ def test_segment_attention_leaves_padded_batches_and_generation_alone(lora_model
                                                do_sample=False), expected)
     assert AutoModelForCausalLM.from_pretrained(tiny_model).config._attn_implementation != \
         "edgetune_segments"  # other models keep their own attention
+
+
+def test_equal_length_examples_share_one_attention_call():
+    from edgetune.train.attention import _equal_runs
+
+    assert _equal_runs((0, 16, 32, 48, 57, 73, 89)) == [(0, 16, 3), (48, 9, 1), (57, 16, 2)]
+    assert _equal_runs((0, 5)) == [(0, 5, 1)]

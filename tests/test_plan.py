@@ -1,6 +1,7 @@
 """The planner's shapes, memory terms and search: exact numbers where exact numbers exist."""
 
 import json
+import math
 
 import pytest
 from conftest import ARCH_CONFIGS
@@ -12,6 +13,7 @@ from edgetune.plan import memory, search
 from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
 from edgetune.plan.memory import Setting, breakdown
 from edgetune.shape import shape_from_config, shape_from_gguf, shape_from_model_dir
+from edgetune.units import format_size
 
 # Parameter counts the model cards and safetensors indexes state.
 KNOWN_PARAMS = {
@@ -121,7 +123,16 @@ def test_adapter_gradients_and_optimizer_state():
     n = SHAPE.lora_params(16)
     assert n == 16 * SHAPE.layers * (896 * 9 + 128 * 2 + 4864 * 3)  # q k v o gate up down
     terms = breakdown(SHAPE, Setting(rank=16)).terms
-    assert terms["adapter"] == terms["adapter grads"] == 4 * n
+    assert terms["adapter"] == 4 * n
+    # The gradients fill what the backward pass frees of the activations: only the excess counts.
+    assert terms["adapter grads"] == 0 < 4 * n < terms["activations"]
+    tight = Setting(rank=64, batch_size=1, seq_len=16, grad_checkpointing=True)
+    freed = (memory.activation_bytes(SHAPE, tight) - memory.recomputed_bytes(SHAPE, tight)
+             + memory.loss_bytes(SHAPE, tight))
+    grads = breakdown(SHAPE, tight).terms["adapter grads"]
+    assert grads == memory.adapter_bytes(SHAPE, tight) - freed > 0
+    # Accumulating, the first micro-batch's gradients stay through the next one's activations.
+    assert breakdown(SHAPE, Setting(rank=16, grad_accum=2)).terms["adapter grads"] == 4 * n
     assert terms["optimizer"] == 8 * n
     eight = memory.optimizer_bytes(SHAPE, Setting(rank=16, optim="adamw8bit"))
     assert 2 * n < eight < 2.07 * n  # uint8 states plus one fp32 scale per 256 values
@@ -136,7 +147,10 @@ def test_activations_checkpointing_and_attention_terms():
     layer = memory.layer_activation_bytes(SHAPE, plain)
     # SDPA's flash kernel keeps no seq x seq matrix: per-token bytes do not grow with seq_len.
     assert layer == memory.layer_activation_bytes(SHAPE, Setting(seq_len=4096, dtype="bf16"))
-    assert "quantized inputs" in memory.layer_activation_bytes(SHAPE, Setting(quant="nf4"))
+    # bitsandbytes' GPU layers keep their own input; the trainer's CPU 4/8-bit matmuls keep none.
+    assert "quantized inputs" in memory.layer_activation_bytes(SHAPE, Setting(quant="nf4", device="cuda"))
+    for quant in ("nf4", "int8"):
+        assert "quantized inputs" not in memory.layer_activation_bytes(SHAPE, Setting(quant=quant))
     # In fp32 bitsandbytes and the adapter save the very same input tensor.
     fp32 = memory.layer_activation_bytes(SHAPE, Setting(quant="nf4", dtype="fp32"))
     assert fp32 == memory.layer_activation_bytes(SHAPE, Setting(dtype="fp32"))
@@ -166,11 +180,16 @@ def saved_activation_bytes(arch: str, layers: int, tokens: int, dtype, method: s
                         method_name=method)  # adapters stay fp32, as trained
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids = torch.randint(0, 256, (tokens,)).tolist()
-    half = tokens // 2
-    examples = [Example(ids[:half], ids[:half]), Example(ids[half:], ids[half:])]
-    batch = pack(examples) if hooks(model, method).packs else collate(examples, 0)
-    if hooks(model, method).packs:
+    packs = hooks(model, method).packs
+    if packs:  # two examples of different lengths: two SDPA calls, whose outputs are joined into a
+        # new tensor for o_proj (examples of one length share one call, and o_proj's input is then
+        # SDPA's output)
+        cut = tokens * 3 // 8
+        batch = pack([Example(ids[:cut], ids[:cut]), Example(ids[cut:], ids[cut:])])
         use_segment_attention(model)
+    else:  # two padded rows of one length
+        half = tokens // 2
+        batch = collate([Example(ids[:half], ids[:half]), Example(ids[half:], ids[half:])], 0)
     saved: dict[int, object] = {}  # storages kept alive, so a freed one's address is not reused
 
     def keep(tensor):
@@ -233,11 +252,11 @@ def test_method_activations_match_autograd_saved_tensors(method):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("method", ["lora", "dora", "adalora", "ia3", "prompt", "ptuning", "prefix"])
 def test_trainable_tensors_match_peft(arch, method, tiny_factory):
+    import torch
+
     from edgetune.train.adapters import peft_config
     from edgetune.train.config import TrainConfig
     from edgetune.train.model import add_adapter, load_base, parameter_counts
-
-    import torch
 
     folder = tiny_factory(arch)
     config = TrainConfig(data="unused.jsonl", method=method, rank=2, virtual_tokens=5,
@@ -304,7 +323,7 @@ def test_runtime_margin_and_load_peak():
     b = breakdown(SHAPE, Setting(dtype="bf16"))
     assert b.terms["runtime"] == memory.RUNTIME_BYTES
     assert breakdown(SHAPE, Setting(quant="nf4")).terms["runtime"] > memory.RUNTIME_BYTES
-    assert b.total == int(b.train_peak * (1 + memory.SAFETY_MARGIN))
+    assert b.total == int(b.peak * (1 + memory.SAFETY_MARGIN))
     # A bf16 checkpoint loaded as nf4 is read a tensor at a time: the quantized weights and the
     # linear weights in flight, not the whole file beside them.
     nf4 = breakdown(SHAPE, Setting(quant="nf4", dtype="bf16"))
@@ -318,6 +337,17 @@ def test_runtime_margin_and_load_peak():
     # Used in place when nothing converts it: the mapped file is the weights.
     in_place = breakdown(SHAPE, Setting(dtype="bf16"))
     assert in_place.load_peak == in_place.terms["runtime"] + in_place.terms["tokenizer"] + 2 * SHAPE.params
+    # Widened from bf16 to fp32: the embedding is read first, beside no decoder weights yet.
+    wide = breakdown(SHAPE, Setting(dtype="fp32"))
+    runtime = wide.terms["runtime"] + wide.terms["tokenizer"]
+    assert wide.load_peak == runtime + 4 * SHAPE.params + memory.LOAD_IN_FLIGHT * largest * 2
+    # One small decoder layer under a 262k x 640 embedding: the embedding in flight beside its fp32
+    # copy is the loading peak.
+    short = shape_from_config({**CATALOGUE["gemma3-270m"][1], "num_hidden_layers": 1})
+    wide = breakdown(short, Setting(dtype="fp32"))
+    runtime = wide.terms["runtime"] + wide.terms["tokenizer"]
+    assert wide.load_peak == runtime + short.token_embedding_params * (4 + 2)
+    assert wide.load_peak > runtime + 4 * short.params
 
 
 def test_choose_prefers_precision_then_rank_then_speed():
@@ -338,9 +368,28 @@ def test_nothing_fits_names_the_budget_and_the_fix():
         search.choose(shape, 2 * 2**30, seq_len=512, dtype="bf16")
     message = str(info.value)
     least = search.smallest(shape, seq_len=512, dtype="bf16")
-    assert message.startswith("--ram 2.00GiB is too small for qwen2.5-7b: needs")
-    assert f"{least.memory.total / 2**30:.2f} GiB" in message and "nf4, rank 4, batch 1" in message
+    assert message.startswith("--ram 2.00gb is too small: qwen2.5-7b needs --ram")
+    needs = math.ceil(least.memory.total / 2**30 * 100) / 100  # rounded up: that budget fits
+    assert f"needs --ram {needs:.2f}gb with nf4, rank 4, batch 1" in message
     assert "checkpointing" in message and "smaller model" in message
+    assert search.smallest(shape, seq_len=512, dtype="bf16").memory.total <= needs * 2**30
+
+
+def test_budget_below_the_runtime_names_it_and_the_least_that_fits():
+    with pytest.raises(EdgetuneError) as info:
+        search.choose(SHAPE, 300 * 2**20, seq_len=512, dtype="bf16")
+    message = str(info.value)
+    assert message.startswith("--ram 300mb is less than the trainer's runtime alone (404.0 MiB")
+    assert "qwen2.5-0.5b needs --ram 1." in message
+
+
+def test_sequence_longer_than_the_model_holds_is_refused(tiny_model):
+    shape = shape_from_model_dir(tiny_model)
+    assert shape.max_positions == 256
+    search.choose(shape, 8 * 2**30, seq_len=256, dtype="fp32")
+    with pytest.raises(EdgetuneError, match=r"--seq-len 257 is longer than llama holds "
+                                            r"\(max_position_embeddings 256\): use --seq-len 256 or less"):
+        search.choose(shape, 8 * 2**30, seq_len=257, dtype="fp32")
 
 
 def test_too_small_suggests_a_shorter_sequence_when_that_fits():
@@ -371,14 +420,32 @@ def test_every_catalogue_model_fits_somewhere():
         plan = search.smallest(shape, seq_len=256, dtype="bf16")
         # Batch 2 can beat batch 1: at 256 tokens a small model's checkpointed activations stay in
         # the heap (CKPT_RESIDUE), at 512 they are unmapped when freed.
-        assert plan.quant == "nf4" and plan.rank == 4 and plan.batch_size <= 2
+        assert plan.quant == "nf4" and plan.batch_size <= 2 and plan.grad_checkpointing
+        # A higher rank only where loading, not training, sets the peak: then ranks tie.
+        assert plan.rank == 4 or plan.memory.peak == plan.memory.load_peak
         assert json.dumps(plan.memory.terms)  # plain ints, serialisable
 
 
-def test_suggestion_for_the_memory_guard():
-    line = search.suggestion(SHAPE, 3 * 2**30, seq_len=256, target_batch=8, dtype="bf16")
-    assert line.startswith("`edgetune plan` suggests") and "--quant" in line
-    assert "too small" in search.suggestion(SHAPE, 2**28, seq_len=256, target_batch=8)
+def test_guard_suggestion_scales_predictions_by_the_measurement_and_differs_from_the_run():
+    budget = 3 * 2**30
+    chosen = search.choose(SHAPE, budget, seq_len=256, target_batch=8, dtype="bf16")
+    predicted = chosen.memory.peak
+    line = search.suggestion(SHAPE, budget, ran=chosen.setting, measured_peak=int(1.3 * predicted),
+                             target_batch=8)
+    assert line.startswith(f"the planner predicted {format_size(predicted)} for these settings; "
+                           f"measured {format_size(int(1.3 * predicted))} (1.30x)")
+    assert "scaled by 1.30, `edgetune plan` suggests" in line and chosen.describe() not in line
+    suggested = next(p for p in search.candidates(SHAPE, seq_len=256, target_batch=8, dtype="bf16")
+                     if line.endswith(" ".join(p.train_flags())))
+    assert suggested.memory.total * 1.3 <= budget
+    # The same settings with a measurement at or under the prediction: the next best unscaled.
+    under = search.suggestion(SHAPE, budget, ran=chosen.setting, measured_peak=predicted // 2,
+                              target_batch=8)
+    assert "(0.50x); with predictions, `edgetune plan` suggests" in under
+    assert chosen.describe() not in under
+    nothing = search.suggestion(SHAPE, 2**28, ran=chosen.setting, measured_peak=2 * predicted,
+                                target_batch=8)
+    assert "nothing else fits --ram 256.0 MiB" in nothing
 
 
 def test_checkpointed_activations_leave_a_heap_residue_only_below_the_lean_threshold():
@@ -390,14 +457,15 @@ def test_checkpointed_activations_leave_a_heap_residue_only_below_the_lean_thres
 
 
 def test_layers_on_peft_forward_keep_the_larger_heap_factor():
-    """bf16 compute (fp32 adapters), int8 and 4-bit on a GPU run PEFT's forward, not the fused one."""
+    """bf16 compute (fp32 adapters) and 4/8-bit on a GPU run PEFT's forward, not the fused one;
+    4/8-bit layers on the CPU fuse."""
     per_layer = {}
     for setting in (Setting(dtype="fp32"), Setting(dtype="bf16"), Setting(dtype="fp32", quant="int8"),
                     Setting(dtype="fp32", quant="nf4"), Setting(dtype="fp32", quant="nf4", device="cuda")):
         saved = sum(memory.layer_activation_bytes(SHAPE, setting).values())
         per_layer[setting] = memory.activation_bytes(SHAPE, setting) / (setting.tokens * SHAPE.layers * saved)
     assert [round(f, 3) for f in per_layer.values()] == [memory.HEAP_FACTOR, memory.PEFT_HEAP_FACTOR,
-                                                         memory.PEFT_HEAP_FACTOR, memory.HEAP_FACTOR,
+                                                         memory.HEAP_FACTOR, memory.HEAP_FACTOR,
                                                          memory.PEFT_HEAP_FACTOR]
     assert memory.HEAP_FACTOR < memory.PEFT_HEAP_FACTOR
 

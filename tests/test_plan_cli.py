@@ -53,8 +53,26 @@ def test_too_small_is_one_line_and_nonzero(capsys):
     code, out, err = run(capsys, "--ram", "2gb", "--model", "qwen2.5-7b", "--dtype", "bf16")
     assert code == 1 and out == ""
     assert err.count("\n") == 1
-    assert err.startswith("edgetune: --ram 2.00GiB is too small for qwen2.5-7b: needs ")
+    assert err.startswith("edgetune: --ram 2.00gb is too small: qwen2.5-7b needs --ram ")
     assert "nf4, rank 4, batch 1" in err and "Traceback" not in err
+
+
+def test_bad_model_budget_and_seq_len_are_one_line_each(capsys, tiny_model, tmp_path):
+    """Each names the value and what would work."""
+    (tmp_path / "empty").mkdir()
+    cases = {("--ram", "8gb", "--model", str(tmp_path / "empty")): "has no config.json",
+             ("--ram", "100mb", "--model", str(tiny_model)): "--ram 100mb is less than the trainer's "
+                                                            "runtime alone",
+             ("--ram", "8gb", "--model", str(tiny_model), "--seq-len", "300"):
+                 "--seq-len 300 is longer than llama holds (max_position_embeddings 256): use "
+                 "--seq-len 256 or less"}
+    for args, expected in cases.items():
+        code, out, err = run(capsys, *args)
+        assert code == 1 and out == "" and err.count("\n") == 1 and expected in err
+    assert "needs --ram " in run(capsys, "--ram", "100mb", "--model", str(tiny_model))[2]
+    # Without --seq-len the default (512) is cut to what the model holds.
+    code, out, _ = run(capsys, "--ram", "8gb", "--model", str(tiny_model), "--json")
+    assert code == 0 and json.loads(out)["plan"]["seq_len"] == 256
 
 
 def test_bad_inputs_are_user_errors(capsys):
@@ -78,7 +96,7 @@ def test_local_folder_and_data_choose_seq_len(capsys, tiny_model, tmp_path):
     result = json.loads(out)
     assert code == 0 and result["plan"]["seq_len"] == 64  # every record is well under 64 tokens
     assert result["data"]["examples"] == 40 and result["data"]["exact_tokens"]
-    assert result["data"]["steps"] == 3  # 40 examples / effective batch 16
+    assert result["data"]["steps"] == 10  # 40 examples / effective batch 4, train's default
     assert result["data"]["eta_s"] >= 0
 
 
@@ -113,3 +131,25 @@ def test_target_device_fit(capsys):
                        "--json")
     target = json.loads(out)["target"]
     assert code == 0 and target["device"] == "rpi5-8gb" and target["fits"] is True
+
+
+def test_plan_nproc_shares_the_budget_and_counts_the_all_reduce(capsys):
+    from edgetune.plan.catalogue import catalogue_shape
+    from edgetune.plan.timing import GLOO_BYTES_PER_S
+
+    common = ("--ram", "8gb", "--model", "smollm2-135m", "--dtype", "fp32", "--seq-len", "256",
+              "--batch", "16", "--json")
+    one = json.loads(run(capsys, *common)[1])
+    code, out, _ = run(capsys, *common, "--nproc", "2")
+    two = json.loads(out)
+    assert code == 0 and two["nproc"] == 2 and two["budget_per_process_bytes"] == 4 * 2**30
+    plan = two["plan"]
+    assert plan["memory"]["total"] <= 4 * 2**30
+    assert plan["batch_size"] * plan["grad_accum"] == 8  # per process: 2 x 8 is the global 16
+    gradients = 4 * catalogue_shape("smollm2-135m").lora_params(plan["rank"])
+    assert two["allreduce_s_per_step"] == round(gradients / GLOO_BYTES_PER_S, 4)  # 2 ranks: 1x
+    assert one["allreduce_s_per_step"] == 0 and one["budget_per_process_bytes"] == 8 * 2**30
+    text = run(capsys, *common[:-1], "--nproc", "2")[1]
+    assert "2 processes: memory above is per process" in text and text.count("--nproc 2") == 1
+    assert run(capsys, *common, "--nproc", "0")[2].strip() == (
+        "edgetune: --nproc must be at least 1, got 0")

@@ -18,8 +18,9 @@ from edgetune.errors import EdgetuneError
 from edgetune.units import parse_size
 
 BUILTIN_DIR = Path(__file__).parent / "profiles"
-# runtime -> the export format it loads
-RUNTIMES = {"llama.cpp": "gguf", "onnxruntime-genai": "onnx", "onnxruntime": "onnx-generic"}
+# runtime -> the export format it loads (the format's name is its `edgetune export` flag)
+RUNTIMES = {"llama.cpp": "gguf", "onnxruntime-genai": "onnx", "onnxruntime": "onnx-generic",
+            "executorch": "executorch", "litert-lm": "litert"}
 REQUIRED = ("description", "ram", "usable_share", "cores", "isa", "memory_bandwidth_gbs", "runtimes",
             "sources")
 OPTIONAL = ("bandwidth_efficiency",)

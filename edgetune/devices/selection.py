@@ -23,16 +23,28 @@ from edgetune.units import format_size
 
 # Bits per weight, scales included. GGUF: ggml's block layouts (q8_0: 32 int8 + one f16 scale per
 # block = 8.5; q6_K 6.5625; q4_K 4.5; the _M mixes keep some tensors at q6_K, measured over llama
-# models). ONNX: MatMulNBits blocks of 32 with one fp32 scale each (8 + 1, 4 + 1).
+# models). ONNX: MatMulNBits blocks of 32 with one fp32 scale each (8 + 1, 4 + 1). ExecuTorch: torchao's
+# 8-bit weights carry one fp32 scale per output row (about 8.1 bits at a width of 576), its 4-bit weights
+# one per group of 32 (4 + 1). LiteRT: ai-edge-quantizer's per-channel 8 and 4 bits.
 BITS_PER_WEIGHT = {
     "gguf": {"q8_0": 8.5, "q6_k": 6.5625, "q5_k_m": 5.7, "q4_k_m": 4.9, "q4_0": 4.5},
     "onnx": {"int8": 9.0, "int4": 5.0},
     "onnx-generic": {"int8": 9.0, "int4": 5.0},
+    "executorch": {"8da8w": 8.1, "8da4w": 5.0},
+    "litert": {"int8": 8.0, "int4": 4.0},
 }
-# KV cache element size: llama.cpp keeps f16; onnxruntime on CPU keeps the fp32 of the graph's I/O.
-KV_BYTES = {"gguf": 2, "onnx": 4, "onnx-generic": 4}
-# Process, runtime libraries and allocator slack, measured as RSS of a loaded tiny model.
-RUNTIME_BASE = {"gguf": 64 * 2**20, "onnx": 128 * 2**20, "onnx-generic": 128 * 2**20}
+# Files written but never chosen by --target (the quantized ones fit where these do): their weights'
+# own widths, for checking an explicit choice against a device.
+UNQUANTIZED_BITS = {"fp32": 32, "f16": 16, "bf16": 16}
+# KV cache element size: llama.cpp keeps f16; onnxruntime on CPU keeps the fp32 of the graph's I/O, and
+# so do the static caches of the ExecuTorch and LiteRT files.
+KV_BYTES = {"gguf": 2, "onnx": 4, "onnx-generic": 4, "executorch": 4, "litert": 4}
+# Process, runtime libraries and allocator slack, measured as RSS of a loaded tiny model. LiteRT-LM:
+# 70 MiB over a bare Python process for its engine answering with a tiny bundle. ExecuTorch's Python
+# runtime loads torch, so its figure is the 10 MiB its runner and a tiny program add to that process
+# plus its libraries (18 MiB on disk).
+RUNTIME_BASE = {"gguf": 64 * 2**20, "onnx": 128 * 2**20, "onnx-generic": 128 * 2**20,
+                "executorch": 32 * 2**20, "litert": 70 * 2**20}
 # Runtimes whose cache holds only the window for sliding-window layers.
 WINDOWED_KV = {"gguf"}
 
@@ -79,7 +91,7 @@ class Choice:
 def predict(profile: Profile, shape, ctx: int, fmt: str, quant: str) -> Choice:
     """Memory and decode speed of `shape` as `fmt:quant` on `profile` with a `ctx`-token cache."""
     shape = as_shape(shape)
-    bits = BITS_PER_WEIGHT[fmt][quant]
+    bits = BITS_PER_WEIGHT[fmt].get(quant) or UNQUANTIZED_BITS[quant]
     stored_bits, output_bits = _embedding_bits(fmt, quant, shape.tied, bits)
     weights = (shape.linear_params * bits + shape.token_embedding_params * stored_bits) / 8
     kv = shape.kv_bytes(ctx, KV_BYTES[fmt], fmt in WINDOWED_KV)
@@ -94,8 +106,11 @@ def predict(profile: Profile, shape, ctx: int, fmt: str, quant: str) -> Choice:
 def _embedding_bits(fmt: str, quant: str, tied: bool, bits: float) -> tuple[float, float]:
     """Bits per vocab x hidden element stored for the embedding and output projection together, and
     bits read per element of the output projection when decoding a token."""
-    if fmt == "gguf":
+    if fmt in ("gguf", "litert"):
         return bits * (1 if tied else 2), bits
+    if fmt == "executorch":
+        # torchao quantizes the output projection (a Linear) but not the embedding, which stays fp32.
+        return 32 + bits, bits
     # ONNX: MatMulNBits quantizes the output projection (a MatMul) but the embedding's Gather stays
     # fp32. A tied matrix is shared instead: quantized by the model builder at int4, left in fp32 by
     # our int8 build and by the generic export (see export/onnx_genai.py and onnx_generic.py).
@@ -153,19 +168,48 @@ def _fit(profile: Profile, shape: ModelShape, ctx: int) -> TargetFit:
     return TargetFit(profile, ctx, tuple(choices), smallest)
 
 
-def choose_export(profile_name: str, model_dir: Path, ctx: int) -> list[str]:
-    """The export to write for a device, e.g. ["gguf:q8_0"] or ["onnx:int8"].
+def choose_export(profile_name: str, model_dir: Path, ctx: int,
+                  unavailable: dict[str, str] | None = None) -> list[str]:
+    """The export to write for a device, e.g. ["gguf:q8_0"] or ["executorch:8da8w"].
 
     The device's most preferred runtime whose format fits, at the largest quantization that fits
-    (8-bit first); `fits()` has the alternatives. Prints the prediction. Raises EdgetuneError naming a
-    shorter context or a larger device when nothing fits.
+    (8-bit first); `fits()` has the alternatives. `unavailable` maps formats this installation cannot
+    write to the reason (a missing optional extra): those are passed over, saying so. Prints the
+    prediction. Raises EdgetuneError naming a shorter context or a larger device when nothing fits.
     """
     shape = shape_from_folder(model_dir)
     target = fits(profile_name, shape, ctx)
     if not target.fits:
         raise EdgetuneError(refusal(target, shape))
-    print(f"edgetune: {target.summary()}")
-    return [target.choices[0].name]
+    unavailable = unavailable or {}
+    usable = [c for c in target.choices if c.format not in unavailable]
+    for choice in target.choices[:target.choices.index(usable[0]) if usable else None]:
+        print(f"edgetune: {choice.name} fits {profile_name} but {unavailable[choice.format]}")
+    if not usable:
+        raise EdgetuneError(f"nothing {profile_name} runs can be written here: "
+                            + "; ".join(f"{c.name} {unavailable[c.format]}" for c in target.choices))
+    print(f"edgetune: {profile_name} (one app may use {format_size(target.device.usable_bytes)}), "
+          f"context {ctx}: {usable[0].describe()}")
+    return [usable[0].name]
+
+
+def check_choices(profile_name: str, model_dir: Path, ctx: int, names: list[str]) -> None:
+    """Formats named explicitly with --target (e.g. "executorch:8da4w"): each must fit the device at
+    `ctx`, or the one line names the first that does not, what it needs and the context that fits."""
+    profile, shape = get(profile_name), shape_from_folder(model_dir)
+    for name in names:
+        fmt, _, quant = name.partition(":")
+        if fmt not in BITS_PER_WEIGHT or quant not in {**BITS_PER_WEIGHT[fmt], **UNQUANTIZED_BITS}:
+            continue  # not a file a device runs (e.g. an adapter)
+        choice = predict(profile, shape, ctx, fmt, quant)
+        if choice.total_bytes > profile.usable_bytes:
+            room = profile.usable_bytes - predict(profile, shape, 0, fmt, quant).total_bytes
+            longest = max(room, 0) // shape.kv_bytes_per_token(KV_BYTES[fmt]) // 256 * 256
+            hint = (f"; --ctx {longest} fits" if longest >= 256 else
+                    "; it does not fit at any context: choose a smaller type")
+            raise EdgetuneError(f"{choice.describe()}: does not fit {profile_name} at context {ctx}, "
+                                f"which gives one app {format_size(profile.usable_bytes)}{hint}")
+        print(f"edgetune: {profile_name}, context {ctx}: {choice.describe()}")
 
 
 def max_context(profile: Profile, shape: ModelShape) -> int:

@@ -7,7 +7,7 @@ export at OUT. While it works, the run folder it reads and the output it writes 
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -33,6 +33,7 @@ class Source:
     run_config: dict | None  # the training run's settings (edgetune_run.yaml), if RUN is a run
     default_output: Path
     chat_template: str | None = None  # the template the run trained with, if not the model's own
+    model_ref: str | None = None  # the base as the run names it (e.g. smollm2-135m)
     method: Method | None = None  # the adapter's (None for a plain model)
 
 
@@ -44,33 +45,43 @@ def read_source(config: ExportConfig) -> Source:
 
 
 def _source(config: ExportConfig) -> Source:
+    run = Path(config.run).expanduser()
+    source = run_source(run, config.cache_dir)
+    if source is not None:
+        return source
+    base = models.resolve(config.run, config.cache_dir)
+    return Source(base, None, None, Path(f"{run.name.removesuffix('.gguf')}-export"))
+
+
+def run_source(run: Path, cache_dir: str | None = None) -> Source | None:
+    """An `edgetune train` (or `edgetune merge`) folder, or a bare PEFT adapter folder, as a Source
+    with its base resolved; None when `run` is neither."""
     from edgetune.export.merge import is_adapter_dir, read_adapter_config
 
-    run = Path(config.run).expanduser()
     if (run / RUN_CONFIG).is_file():
-        saved = _run_settings(run)
+        saved = run_settings(run)
         if not is_adapter_dir(run):
             raise EdgetuneError(f"{run} has no adapter (adapter_model.safetensors): did training finish? "
                                 f"Resume it with: edgetune train --resume --output {run}")
         if not saved.get("model"):
             raise EdgetuneError(f"{run}/{RUN_CONFIG} does not name the base model (model:)")
-        base = models.resolve(str(saved["model"]), config.cache_dir or saved.get("cache_dir"))
+        base = models.resolve(str(saved["model"]), cache_dir or saved.get("cache_dir"))
         template = run / CHAT_TEMPLATE
         return Source(base, run, saved, run / "export",
                       template.read_text(encoding="utf-8") if template.is_file() else None,
-                      method_of(read_adapter_config(run)))
+                      str(saved["model"]), method_of(read_adapter_config(run)))
     if (run / ADAPTER_CONFIG).is_file():
         adapter_config = read_adapter_config(run)
         base_ref = adapter_config.get("base_model_name_or_path")
         if not base_ref:
             raise EdgetuneError(f"{run}/{ADAPTER_CONFIG} does not name its base model")
-        return Source(models.resolve(base_ref, config.cache_dir), run, None, run / "export",
-                      method=method_of(adapter_config))
-    base = models.resolve(config.run, config.cache_dir)
-    return Source(base, None, None, Path(f"{run.name.removesuffix('.gguf')}-export"))
+        return Source(models.resolve(base_ref, cache_dir), run, None, run / "export",
+                      model_ref=base_ref, method=method_of(adapter_config))
+    return None
 
 
-def _run_settings(run: Path) -> dict:
+def run_settings(run: Path) -> dict:
+    """The run's edgetune_run.yaml as a dict, or a one-line error when it cannot be read."""
     try:
         saved = yaml.safe_load((run / RUN_CONFIG).read_text(encoding="utf-8")) or {}
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -83,29 +94,48 @@ def _run_settings(run: Path) -> dict:
 
 @dataclass
 class Formats:
-    """What to write: GGUF types, ONNX precisions, and whether the ONNX uses generic ops only."""
+    """What to write: GGUF types, ONNX precisions (and whether the ONNX uses generic ops only),
+    ExecuTorch and LiteRT-LM types."""
 
     gguf: list[str]
     onnx: list[str]
     onnx_generic: bool
+    executorch: list[str] = field(default_factory=list)
+    litert: list[str] = field(default_factory=list)
+
+    @property
+    def phone(self) -> dict[str, list[str]]:
+        return {"executorch": self.executorch, "litert": self.litert}
 
 
 def plan_formats(config: ExportConfig, model_dir: Path, method: Method | None = None) -> Formats:
     """The formats asked for, else what the --target device profile chooses (GGUF only for a method
-    that learns inputs: an ONNX model cannot take them)."""
-    formats = Formats(config.gguf_types, config.onnx_types, config.onnx_generic)
+    that learns inputs: the ONNX and phone models cannot take them)."""
+    formats = Formats(config.gguf_types, config.onnx_types, config.onnx_generic,
+                      config.executorch_types, config.litert_types)
     if config.onnx_generic and not formats.onnx:
         formats.onnx.append("fp32")
-    if config.target and not (formats.gguf or formats.onnx or config.gguf_adapter):
-        from edgetune.devices.selection import choose_export
+    asked = formats.gguf or formats.onnx or config.gguf_adapter or any(formats.phone.values())
+    if config.target and asked:
+        from edgetune.devices.selection import check_choices
 
-        for item in choose_export(config.target, model_dir, config.ctx):
+        onnx = "onnx-generic" if formats.onnx_generic else "onnx"
+        check_choices(config.target, model_dir, config.ctx,
+                      [f"gguf:{t}" for t in formats.gguf] + [f"{onnx}:{t}" for t in formats.onnx]
+                      + [f"{fmt}:{t}" for fmt, kinds in formats.phone.items() for t in kinds])
+    if config.target and not asked:
+        from edgetune.devices.selection import choose_export
+        from edgetune.export.phone import unavailable
+
+        for item in choose_export(config.target, model_dir, config.ctx, unavailable()):
             kind, _, value = item.partition(":")
             if kind != "gguf" and method is not None and not method.folds:
                 print(f"edgetune: --target {config.target}: leaving out {kind} {value}, which cannot "
                       f"carry {method.title}")
                 continue
-            (formats.gguf if kind == "gguf" else formats.onnx).append(value)
+            lists = {"gguf": formats.gguf, "onnx": formats.onnx, "onnx-generic": formats.onnx,
+                     **formats.phone}
+            lists[kind].append(value)
             formats.onnx_generic |= kind == "onnx-generic"
     return formats
 
@@ -132,17 +162,35 @@ def check_carried(method: Method | None, config: ExportConfig, formats: Formats)
                             f"{method.no_gguf_adapter}")
     if method.folds:
         return
-    if formats.onnx:
-        raise EdgetuneError(f"--onnx: {method.title} learns inputs, not weights, and the ONNX models "
-                            "take token ids only" + ("; export --gguf instead, which carries the soft "
-                                                     "prompt beside the model" if method.soft_prompt else ""))
+    instead = "; export --gguf instead, which carries the soft prompt beside the model"
+    token_only = ((["--onnx"] if formats.onnx else [])
+                  + [f"--{fmt}" for fmt, kinds in formats.phone.items() if kinds])
+    if token_only:  # ONNX and the phone runtimes take token ids, not input embeddings
+        kind = "ONNX" if token_only[0] == "--onnx" else "phone"
+        raise EdgetuneError(f"{token_only[0]}: {method.title} learns inputs, not weights, and the "
+                            f"{kind} models take token ids only" + (instead if method.soft_prompt else ""))
     if formats.gguf and not method.soft_prompt:
         raise EdgetuneError(f"--gguf: {method.title}'s per-layer keys and values cannot be carried by a "
                             "GGUF file or fed to llama.cpp; train with --method prompt, ptuning or a "
                             "LoRA-family method to export")
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def _check_phone(config: ExportConfig, formats: Formats, model_dir: Path) -> None:
+    """One line before anything loads: a phone runtime not installed, an architecture it does not
+    take, or a KV cache too short for the held-out positions verification decodes."""
+    from edgetune.export import phone
+
+    for fmt, kinds in formats.phone.items():
+        if kinds:
+            phone.require(fmt)
+            length = phone.cache_length(phone.read_config(model_dir, fmt), config.ctx, quiet=True)
+            if config.verify and length < config.positions:
+                raise EdgetuneError(f"--ctx {length}: the {fmt} files' KV cache cannot hold the "
+                                    f"{config.positions} held-out positions verification decodes; "
+                                    f"pass --positions {length} or fewer")
+
+
+def publish(tmp: Path, out: Path) -> None:
     """Swap the finished folder into place; an old export is removed only after that succeeded."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     with deferred():
@@ -160,14 +208,14 @@ def _check_output(config: ExportConfig, out: Path) -> None:
                             "or --output elsewhere")
 
 
-def _run_lock(source: Source):
-    """The run folder's lock, when exporting an edgetune run: no training may write it meanwhile."""
+def run_lock(source: Source, verb: str = "edgetune export"):
+    """The run folder's lock while `verb` reads an edgetune run: no training may write it meanwhile."""
     from contextlib import nullcontext
 
     run = source.adapter_dir
     if run is None or not (run / RUN_CONFIG).is_file() or not os.access(run, os.W_OK):
         return nullcontext()  # (no process can train into a folder it cannot write)
-    return folders.folder_lock(run, f"run folder {run}", verb="edgetune export")
+    return folders.folder_lock(run, f"run folder {run}", verb=verb)
 
 
 def main(config: ExportConfig) -> int:
@@ -181,9 +229,10 @@ def main(config: ExportConfig) -> int:
         formats = plan_formats(config, source.model_dir, source.method)
         _check_imatrix_available(config, source, formats)
         check_carried(source.method, config, formats)
+        _check_phone(config, formats, source.model_dir)
         with folders.disk_errors(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)
-        with _run_lock(source), folders.sibling_lock(out, f"export folder {out}",
+        with run_lock(source), folders.sibling_lock(out, f"export folder {out}",
                                                       verb="edgetune export"):
             _check_output(config, out)
             folders.remove_leftovers(out.parent, prefix=f".{out.name}.")
@@ -221,7 +270,7 @@ def _write(config: ExportConfig, source: Source, out: Path, formats: Formats) ->
                         tmp.rename(rejected)
                 raise
             folders.fsync_tree(tmp)
-            _publish(tmp, out)
+            publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows

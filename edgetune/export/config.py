@@ -1,5 +1,6 @@
 """`edgetune export` and `edgetune run` settings: defaults, help text and validation."""
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,10 @@ from edgetune.export.quantize import LLAMA_TYPES
 GGUF_TYPES = ("f16", "bf16", "q8_0") + LLAMA_TYPES
 IMATRIX_MODES = ("auto", "none")
 ONNX_TYPES = ("fp32", "int8", "int4")
+# ExecuTorch (XNNPACK): fp32, or torchao's 8-bit dynamic activations with 4-bit (groups of 32) or 8-bit
+# (per channel) weights. LiteRT: fp32, or ai-edge-quantizer's per-channel 8-bit or 4-bit weights.
+EXECUTORCH_TYPES = ("fp32", "8da4w", "8da8w")
+LITERT_TYPES = ("fp32", "int8", "int4")
 
 
 def split_list(value: str | None) -> list[str]:
@@ -41,9 +46,15 @@ class ExportConfig:
     onnx: str | None = option(None, f"ONNX precisions, comma-separated: {', '.join(ONNX_TYPES)}",
                               metavar="TYPES")
     onnx_generic: bool = option(False, "ONNX with generic ops only (no onnxruntime contrib ops)")
+    executorch: str | None = option(None, "ExecuTorch .pte types for Android and iOS apps, comma-separated: "
+                                    f"{', '.join(EXECUTORCH_TYPES)} (needs edgetune[phone])",
+                                    metavar="TYPES")
+    litert: str | None = option(None, "LiteRT-LM .litertlm types for Android apps, comma-separated: "
+                                f"{', '.join(LITERT_TYPES)} (needs edgetune[phone])", metavar="TYPES")
     target: str | None = option(None, "device profile (see `edgetune devices`): choose the formats "
-                                "that fit it when no --gguf/--onnx is given", metavar="DEVICE")
-    ctx: int = option(2048, "context length the --target device must hold")
+                                "that fit it when no format is given", metavar="DEVICE")
+    ctx: int = option(2048, "context length the --target device must hold; also the KV cache length "
+                      "of .pte and .litertlm files")
     verify: bool = option(True, "check every file against the torch model and fail past threshold")
     keep_failed: bool = option(False, "when a file fails verification, keep the export in "
                                "OUTPUT.rejected for inspection")
@@ -57,10 +68,13 @@ class ExportConfig:
                                 "--gguf q8_0")
         _check_types("gguf", self.gguf, GGUF_TYPES)
         _check_types("onnx", self.onnx, ONNX_TYPES)
+        _check_types("executorch", self.executorch, EXECUTORCH_TYPES)
+        _check_types("litert", self.litert, LITERT_TYPES)
         if not (self.gguf_types or self.gguf_adapter or self.onnx_types or self.onnx_generic
-                or self.target):
+                or self.executorch_types or self.litert_types or self.target):
             raise EdgetuneError("no format asked for: pass --gguf q8_0 (types: "
-                                f"{', '.join(GGUF_TYPES)}), --gguf-adapter, --onnx or --target DEVICE")
+                                f"{', '.join(GGUF_TYPES)}), --gguf-adapter, --onnx, --executorch, "
+                                "--litert or --target DEVICE")
         if self.imatrix not in IMATRIX_MODES and not Path(self.imatrix).expanduser().is_file():
             raise EdgetuneError(f"--imatrix {self.imatrix}: no such file; pass auto, none or an "
                                 "imatrix.gguf file")
@@ -77,6 +91,14 @@ class ExportConfig:
     def onnx_types(self) -> list[str]:
         return split_list(self.onnx)
 
+    @property
+    def executorch_types(self) -> list[str]:
+        return split_list(self.executorch)
+
+    @property
+    def litert_types(self) -> list[str]:
+        return split_list(self.litert)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -84,8 +106,10 @@ class RunConfig:
                                metavar="MODEL.gguf")
     prompt: str | None = option(None, "the user message to answer")
     system: str | None = option(None, "system message (default: the chat template's own, if any)")
-    lora: str | None = option(None, "GGUF LoRA adapter to apply over the model (from --gguf-adapter)",
-                              metavar="ADAPTER.gguf")
+    lora: tuple[str, ...] = option((), "GGUF LoRA adapter to apply over the model (from "
+                                   "--gguf-adapter), optionally with a scale (default 1); repeat "
+                                   "it to stack several: --lora a.gguf:0.7 --lora b.gguf:0.3",
+                                   metavar="ADAPTER.gguf[:SCALE]")
     soft_prompt: str | None = option(None, "soft prompt to put before the prompt: the "
                                      "soft-prompt.safetensors that exporting a prompt or P-tuning "
                                      "run writes beside its base-*.gguf", metavar="FILE")
@@ -103,3 +127,24 @@ class RunConfig:
             raise EdgetuneError("--max-tokens and --ctx must be at least 1")
         if self.temperature < 0:
             raise EdgetuneError(f"--temperature must be 0 or more, got {self.temperature}")
+        self.adapters  # noqa: B018 - validates every --lora now, before anything loads
+
+    @property
+    def adapters(self) -> list[tuple[str, float]]:
+        """(adapter GGUF, scale) for each --lora; a missing scale is 1."""
+        return [adapter_and_scale(item) for item in self.lora]
+
+
+def adapter_and_scale(item: str) -> tuple[str, float]:
+    """'a.gguf:0.7' -> ('a.gguf', 0.7); 'a.gguf' -> ('a.gguf', 1.0). Text after the last colon that is
+    not a number belongs to the path. A negative scale subtracts the adapter, as in llama.cpp."""
+    path, _, tail = item.rpartition(":")
+    try:
+        scale = float(tail) if path else None
+    except ValueError:
+        scale = None
+    if scale is None:
+        return item, 1.0
+    if not math.isfinite(scale):
+        raise EdgetuneError(f"--lora {item}: the scale must be a finite number, e.g. {path}:0.5")
+    return path, scale

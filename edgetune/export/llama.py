@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgetune.errors import EdgetuneError
@@ -39,35 +40,79 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def load_llama(path: Path, n_ctx: int, lora: Path | None = None, logits_all: bool = True):
-    """A llama-cpp-python model over `path` (and a LoRA adapter GGUF), with llama.cpp's logging off."""
+def load_llama(path: Path, n_ctx: int, lora: Path | None = None, logits_all: bool = True,
+               adapters: Sequence[tuple[Path, float]] = ()):
+    """A llama-cpp-python model over `path`, with llama.cpp's logging off.
+
+    `lora` is one adapter GGUF at scale 1; `adapters` is any number of (adapter GGUF, scale) pairs,
+    applied together: llama.cpp adds each adapter's scale * alpha / r * B @ A to every layer it adapts.
+    """
     try:
         from llama_cpp import Llama
     except ImportError:
         raise EdgetuneError("checking or running GGUF files needs llama-cpp-python: "
                             "pip install llama-cpp-python") from None
-    adapter = f" with adapter {Path(lora).name}" if lora else ""
-    if lora:  # llama.cpp's own refusal of another architecture's adapter is only a log line
-        from edgetune.models import gguf_metadata
-
-        kinds = [gguf_metadata(Path(f), ("general.architecture",)).get("general.architecture")
-                 for f in (lora, path)]
-        if None not in kinds and kinds[0] != kinds[1]:
-            raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}{adapter}: {Path(lora).name} "
-                                f"is a {kinds[0]} adapter; {Path(path).name} is {kinds[1]}")
+    adapters = [(Path(p), float(s)) for p, s in adapters] + ([(Path(lora), 1.0)] if lora else [])
+    _check_adapter_architectures(Path(path), [p for p, _ in adapters])
     with quiet_native_logs():  # some context warnings bypass verbose=False
         try:
-            llm = Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                        lora_path=str(lora) if lora else None)
+            llm = Llama(str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False)
         except (ValueError, RuntimeError) as exc:  # llama-cpp-python's "did not load"
-            raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}{adapter}: {exc}") from None
-    # llama-cpp-python 0.3 checks the adapter handle against None, but a failed load returns a NULL
-    # pointer, so a mismatched adapter would be dropped silently.
-    if lora and not getattr(llm, "_lora_adapter", True):
-        llm.close()
-        raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}{adapter}: the adapter's tensors "
-                            "do not fit this model (was it made for another base?)")
+            raise EdgetuneError(f"llama.cpp cannot load {Path(path).name}: {exc}") from None
+    if adapters:
+        try:
+            attach_adapters(llm, adapters)
+        except EdgetuneError as exc:
+            llm.close()
+            raise EdgetuneError(f"llama.cpp cannot load {Path(path).name} with {exc}") from None
     return llm
+
+
+def _check_adapter_architectures(path: Path, adapters: list[Path]) -> None:
+    """Refuse an adapter made for another architecture: llama.cpp's own refusal is only a log line."""
+    if not adapters:
+        return
+    from edgetune.models import gguf_metadata
+
+    base = gguf_metadata(path, ("general.architecture",)).get("general.architecture")
+    for adapter in adapters:
+        kind = gguf_metadata(adapter, ("general.architecture",)).get("general.architecture")
+        if None not in (kind, base) and kind != base:
+            raise EdgetuneError(f"llama.cpp cannot load {path.name} with adapter {adapter.name}: "
+                                f"{adapter.name} is a {kind} adapter; {path.name} is {base}")
+
+
+def attach_adapters(llm, adapters: list[tuple[Path, float]]) -> None:
+    """Load adapter GGUFs onto `llm`'s model and set them, with their scales, on its context.
+
+    llama-cpp-python's Llama takes one `lora_path`; llama.cpp itself takes any number of adapters
+    (llama_set_adapters_lora), so they are loaded through its C API. The model owns each loaded
+    adapter and frees it with itself.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    handles = []
+    for adapter, _ in adapters:
+        with quiet_native_logs() as native_log:
+            handle = llama_cpp.llama_adapter_lora_init(llm.model, str(adapter).encode())
+            said = last_line(native_log())
+        if not handle:  # a failed load is a NULL pointer, which ctypes does not turn into None
+            raise EdgetuneError(f"adapter {adapter.name}: the adapter's tensors do not fit this model "
+                                "(was it made for another base?)"
+                                + (f"; llama.cpp: {said}" if said else ""))
+        handles.append(handle)
+    scales = [scale for _, scale in adapters]
+    if hasattr(llama_cpp, "llama_set_adapters_lora"):  # llama.cpp sets the whole list at once
+        array = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
+        failed = llama_cpp.llama_set_adapters_lora(llm.ctx, array, len(handles),
+                                                   (ctypes.c_float * len(scales))(*scales))
+    else:  # older releases add one adapter per call
+        failed = any(llama_cpp.llama_set_adapter_lora(llm.ctx, h, s) for h, s in zip(handles, scales))
+    if failed:
+        raise EdgetuneError(f"adapters {', '.join(a.name for a, _ in adapters)}: llama.cpp refused "
+                            "to set them on the context")
 
 
 def prepend_embeddings(llm, embeddings) -> None:
@@ -114,14 +159,15 @@ def _decode_speed(llm, prompt: list[int]) -> float:
     return DECODE_TOKENS / (time.perf_counter() - start)
 
 
-def gguf_logits(path: Path, ids: list[int], lora: Path | None = None,
-                soft_prompt=None) -> tuple["object", float]:
-    """(next-token logits [len(ids) - 1, vocab], decode tokens/s) of a GGUF file in llama.cpp, after
-    the `soft_prompt` embeddings [n, hidden] when given."""
+def gguf_logits(path: Path, ids: list[int], lora: Path | None = None, soft_prompt=None,
+                adapters: Sequence[tuple[Path, float]] = ()) -> tuple["object", float]:
+    """(next-token logits [len(ids) - 1, vocab], decode tokens/s) of a GGUF file in llama.cpp, with
+    one adapter (`lora`) or several with scales (`adapters`), after the `soft_prompt` embeddings
+    [n, hidden] when given."""
     import numpy as np
 
     n = 0 if soft_prompt is None else len(soft_prompt)
-    llm = load_llama(path, n_ctx=n + len(ids) + DECODE_TOKENS + 16, lora=lora)
+    llm = load_llama(path, n_ctx=n + len(ids) + DECODE_TOKENS + 16, lora=lora, adapters=adapters)
     try:
         if soft_prompt is not None:
             prepend_embeddings(llm, soft_prompt)

@@ -18,6 +18,7 @@ import math
 import re
 import shutil
 import struct
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ _PEFT_PREFIX = "base_model.model."
 # DoRA's lora_magnitude_vector and IA3's ia3_l.
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[ABE]|lora_magnitude_vector|ia3_l)"
                   r"(?:\.default)?(?:\.weight)?$")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")  # a plain LoRA
 ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 
 
@@ -55,6 +57,12 @@ class LoraPair:
         if self.initial_rank is not None:
             return self.alpha / (self.initial_rank + ADALORA_EPS)
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def update(self):
+        """The dense fp32 update scale * B @ A this pair adds to its base weight."""
+        import torch
+
+        return self.scale * (self.b.to(torch.float32) @ self.a.to(torch.float32))
 
     def apply(self, weight):
         a, b = self.a.to(weight.dtype), self.b.to(weight.dtype)
@@ -171,6 +179,68 @@ def _pair(adapter_dir: Path, config: dict, module: str, parts: dict) -> LoraPair
     return LoraPair(module, a, b, rank, alpha, bool(config.get("use_rslora")))
 
 
+class Adapter:
+    """A PEFT LoRA or rsLoRA adapter on disk, read one module at a time (only the file's header up
+    front): what `edgetune merge` combines, as plain B @ A pairs."""
+
+    def __init__(self, adapter_dir: Path):
+        from safetensors import SafetensorError, safe_open
+
+        self.dir = Path(adapter_dir)
+        self.config = read_adapter_config(adapter_dir)
+        chosen = method_of(self.config)
+        if chosen.name not in ("lora", "rslora"):
+            kind = ("DoRA adapters are" if chosen.name == "dora"
+                    else f"adapter type {self.config.get('peft_type')} is")
+            raise EdgetuneError(f"{self.dir}: {kind} not supported here: only LoRA and rsLoRA adapters "
+                                "are plain low-rank pairs that combine")
+        weights = self.dir / ADAPTER_WEIGHTS
+        try:
+            self._file = safe_open(str(weights), framework="pt")
+            keys = list(self._file.keys())
+        except (OSError, SafetensorError) as exc:
+            raise EdgetuneError(f"{weights} cannot be read ({exc}): the file is truncated or damaged; "
+                                "export an earlier checkpoint, or resume training to write it again") \
+                from None
+        self._keys = self._pair_keys(keys)
+
+    def _pair_keys(self, keys: list[str]) -> dict[str, dict[str, str]]:
+        """{base weight name: {"A": key, "B": key}}, refusing tensors that are not LoRA pairs."""
+        sides: dict[str, dict[str, str]] = {}
+        for key in keys:
+            found = _LORA_KEY.match(key.removeprefix(_PEFT_PREFIX))
+            if found is None:
+                raise EdgetuneError(f"{self.dir}: unexpected adapter tensor {key}; "
+                                    "only lora_A/lora_B weights of linear layers are supported")
+            sides.setdefault(found["module"] + ".weight", {})[found["side"]] = key
+        for name, ab in sides.items():
+            if set(ab) != {"A", "B"}:
+                raise EdgetuneError(f"{self.dir}: {name.removesuffix('.weight')} has "
+                                    f"lora_{next(iter(ab))} but not its pair")
+        return sides
+
+    @property
+    def names(self) -> list[str]:
+        """Base weight names the adapter changes, e.g. model.layers.0.mlp.up_proj.weight."""
+        return sorted(self._keys)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of the base weight `name` as the adapter's B @ A sees it."""
+        rows = self._file.get_slice(self._keys[name]["B"]).get_shape()[0]
+        return rows, self._file.get_slice(self._keys[name]["A"]).get_shape()[1]
+
+    def rank(self, name: str) -> int:
+        module = name.removesuffix(".weight")
+        return int(_pattern_value(self.config.get("rank_pattern"), module, self.config["r"]))
+
+    def pair(self, name: str) -> LoraPair:
+        module = name.removesuffix(".weight")
+        alpha = _pattern_value(self.config.get("alpha_pattern"), module, self.config["lora_alpha"])
+        return LoraPair(module, self._file.get_tensor(self._keys[name]["A"]),
+                        self._file.get_tensor(self._keys[name]["B"]), self.rank(name), float(alpha),
+                        bool(self.config.get("use_rslora")))
+
+
 def load_updates(adapter_dir: Path) -> dict[str, object]:
     """What the adapter does to each base weight, keyed by its name (model.layers.0.mlp.up_proj.weight):
     a LoraPair, DoraUpdate or Ia3Update, each with `apply(weight)`."""
@@ -202,12 +272,20 @@ def load_adapter(adapter_dir: Path) -> dict[str, LoraPair]:
 
 
 def merged_tensor(name: str, weight, update=None):
-    """`weight` in fp32 with the update applied, refusing a NaN or infinite result."""
+    """`weight` in fp32 with an update applied (or nothing), refusing a NaN or infinite result. The
+    update is a dense tensor to add, or an update object (LoraPair, DoraUpdate, Ia3Update)."""
     import torch
 
     result = weight.to(torch.float32)
     if update is not None:
-        result = update.apply(result)
+        if not isinstance(update, torch.Tensor):
+            result = update.apply(result)
+        elif tuple(result.shape) != tuple(update.shape):
+            raise EdgetuneError(f"adapter for {name}: its update is {'x'.join(map(str, update.shape))} "
+                                f"but the base weight is {'x'.join(map(str, result.shape))}: "
+                                "wrong base model?")
+        else:
+            result = result + update.to(torch.float32)
     if not torch.isfinite(result).all():
         raise EdgetuneError(f"merged tensor {name} has NaN or infinite values: the adapter or base "
                             "is broken (diverged training?); not exporting it")
@@ -216,20 +294,27 @@ def merged_tensor(name: str, weight, update=None):
 
 def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Write base + adapter as a plain HF folder at `out_dir` (fp32 model.safetensors, same config)."""
+    updates = load_updates(adapter_dir)
+    with_bias = [k for k, u in updates.items() if isinstance(u, Ia3Update) and not u.feedforward]
+    if with_bias:  # an output-scaled IA3 layer's bias scales with its rows (as PEFT's IA3 merge)
+        present = set(_layout(weight_files(Path(base_dir))))
+        updates |= {bias: updates[k] for k in with_bias
+                    if (bias := k.removesuffix(".weight") + ".bias") in present}
+    return write_merged(base_dir, out_dir, {name: (lambda u=u: u) for name, u in updates.items()})
+
+
+def write_merged(base_dir: Path, out_dir: Path, updates: dict[str, Callable[[], object]]) -> Path:
+    """Write base + updates as a plain HF folder at `out_dir` (fp32 model.safetensors, same config).
+
+    `updates` maps a base tensor name to a function returning its update (a dense tensor to add, or
+    an update object, see merged_tensor), called only when that tensor is written, so one update is
+    in memory at a time.
+    """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    pairs = load_updates(adapter_dir)
     config = read_config(base_dir)
     files = weight_files(base_dir)
-    layout: dict[str, tuple[Path, list[int]]] = {}
-    for file in files:
-        with open_weights(file) as f:
-            for key in f.keys():
-                layout[key] = (file, list(f.get_slice(key).get_shape()))
-    _check_pairs(pairs, layout, config)
-    # An output-scaled IA3 layer's bias scales with its rows (PEFT's IA3 merge does the same).
-    pairs |= {k.removesuffix(".weight") + ".bias": u for k, u in pairs.items()
-              if isinstance(u, Ia3Update) and not u.feedforward
-              and k.removesuffix(".weight") + ".bias" in layout}
+    layout = _layout(files)
+    _check_pairs(updates, layout, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = {key: shape for key, (_, shape) in layout.items()}
 
@@ -237,7 +322,8 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
         for file in files:
             with open_weights(file) as f:
                 for key in f.keys():
-                    yield key, merged_tensor(key, f.get_tensor(key), pairs.get(key))
+                    update = updates[key]() if key in updates else None
+                    yield key, merged_tensor(key, f.get_tensor(key), update)
 
     write_safetensors(out_dir / "model.safetensors", shapes, tensors())
     for name in COPIED:
@@ -249,7 +335,17 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _check_pairs(pairs: dict[str, object], layout: dict, config: dict) -> None:
+def _layout(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
+    """{tensor name: (file, shape)} of the base checkpoint, from the files' headers."""
+    layout = {}
+    for file in files:
+        with open_weights(file) as f:
+            for key in f.keys():
+                layout[key] = (file, list(f.get_slice(key).get_shape()))
+    return layout
+
+
+def _check_pairs(pairs: Collection[str], layout: dict, config: dict) -> None:
     missing = sorted(set(pairs) - set(layout))
     if missing:
         raise EdgetuneError(f"adapter modifies {missing[0]}, which the base model does not have: "

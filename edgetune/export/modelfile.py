@@ -7,6 +7,7 @@ that message as SYSTEM. Other templates get no TEMPLATE line and a comment sayin
 guess that formats chats wrongly.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgetune import templates
@@ -37,12 +38,29 @@ def _quoted(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
 
+def adapter_lines(adapters: Sequence[tuple[str, float]]) -> list[str]:
+    """The ADAPTER line for (adapter GGUF name, scale) pairs, refusing what Ollama cannot apply.
+
+    Ollama takes one adapter at scale 1: its Modelfile parser keeps only the last ADAPTER line, its
+    `create` refuses several adapter files ("only one adapter is currently supported"), and ADAPTER
+    has no scale. Stacked adapters are merged into one first (`edgetune merge`).
+    """
+    if len(adapters) > 1:
+        names = " + ".join(name for name, _ in adapters)
+        raise EdgetuneError(f"Ollama applies one ADAPTER per model, not {names}: merge the runs into "
+                            "one with edgetune merge, then export it with --gguf-adapter")
+    if adapters and adapters[0][1] != 1.0:
+        name, scale = adapters[0]
+        raise EdgetuneError(f"Ollama's ADAPTER has no scale ({name} at {scale:g}): bake the scale in "
+                            f"with edgetune merge RUN --weights {scale:g}, then export that run")
+    return [f"ADAPTER ./{name}" for name, _ in adapters]
+
+
 def modelfile_text(gguf_name: str, template: str | None, stops: list[str],
-                   adapter_name: str | None = None) -> str:
-    """The Modelfile for `gguf_name` (relative to the Modelfile) with its chat format and stops."""
-    lines = [f"FROM ./{gguf_name}"]
-    if adapter_name:
-        lines.append(f"ADAPTER ./{adapter_name}")
+                   adapters: Sequence[tuple[str, float]] = ()) -> str:
+    """The Modelfile for `gguf_name` (relative to the Modelfile) with its chat format and stops, and
+    the adapter GGUF (name, scale) to apply over it, if any."""
+    lines = [f"FROM ./{gguf_name}", *adapter_lines(adapters)]
     known = templates.known(template)
     is_chatml, system = chatml_default_system(template) if template else (False, None)
     if known is None and is_chatml:
@@ -63,5 +81,6 @@ def write_modelfile(gguf_path: Path, template: str | None, stops: list[str],
     """Write `<gguf stem>.Modelfile` (or the adapter's) beside the file; `ollama create -f` reads it."""
     named = adapter or gguf_path
     out = named.with_name(named.stem + ".Modelfile")
-    out.write_text(modelfile_text(gguf_path.name, template, stops, adapter.name if adapter else None))
+    out.write_text(modelfile_text(gguf_path.name, template, stops,
+                                  [(adapter.name, 1.0)] if adapter else []))
     return out

@@ -67,6 +67,8 @@ def export_files(config, source, tmp: Path, formats, rejected: Path | None = Non
         _say(f"writing {folder}")
         rows.append(export_onnx(model_dir, tmp / folder, precision, formats.onnx_generic, ids,
                                 max_length=config.ctx if config.target else None))
+    if any(formats.phone.values()):
+        rows += phone_files(model_dir, tokenizer, tmp, work, formats, config.ctx, reference)
     rows = [r for r in rows if r is not None]
     shutil.rmtree(work, ignore_errors=True)
     if config.verify:
@@ -195,3 +197,32 @@ def gguf_adapter(source, tmp: Path, reference, chat: tuple) -> Verification | No
     _say("verifying adapter.gguf over base-f16.gguf in llama.cpp")
     return verify_gguf(tmp, "base-f16.gguf", "f16", reference, f"lora alpha {alpha:g}",
                        lora="adapter.gguf")
+
+
+def phone_files(model_dir: Path, tokenizer, tmp: Path, work: Path, formats, ctx: int,
+                reference) -> list[Verification]:
+    """executorch-<type>/ folders and model-<type>.litertlm bundles, each verified in its runtime."""
+    from edgetune.export import phone
+
+    chat = phone.chat_reference(model_dir, tokenizer) if reference is not None else None
+    rows = []
+    for kind in formats.executorch:
+        from edgetune.export.executorch import export_executorch, verify_executorch
+
+        folder = tmp / f"executorch-{kind}"
+        _say(f"writing {folder.name}/model.pte with ExecuTorch (minutes)")
+        note = export_executorch(model_dir, folder, kind, ctx, phone.stop_ids(tokenizer))
+        if reference is not None:
+            _say(f"verifying {folder.name}/model.pte in ExecuTorch")
+            rows.append(verify_executorch(folder, kind, reference, chat, note))
+    if formats.litert:
+        from edgetune.export.litert import discard, export_litert, verify_litert
+
+        names = ", ".join(f"model-{kind}.litertlm" for kind in formats.litert)
+        _say(f"converting for LiteRT-LM (minutes), then writing {names}")
+        notes = export_litert(model_dir, tmp, work, formats.litert, ctx)
+        discard(work)
+        for kind in formats.litert if reference is not None else []:
+            _say(f"verifying model-{kind}.litertlm in LiteRT and LiteRT-LM")
+            rows.append(verify_litert(tmp, kind, reference, chat, notes[kind]))
+    return rows

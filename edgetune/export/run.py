@@ -6,6 +6,7 @@ ChatML prompt sent raw answered correctly.
 """
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgetune import templates
@@ -43,31 +44,41 @@ def _prompt_and_stops(llm, prompt: str, system: str | None) -> tuple[str, list[s
 
 def answer(gguf_path: str | Path, prompt: str, max_tokens: int = 256, lora: str | Path | None = None,
            temperature: float = 0.0, system: str | None = None, ctx: int = 2048,
-           soft_prompt: str | Path | None = None) -> str:
-    """The model's reply to one user message, generated through llama.cpp (after the virtual tokens of
-    a `soft_prompt` file, when given)."""
+           soft_prompt: str | Path | None = None,
+           adapters: Sequence[tuple[str | Path, float]] = ()) -> str:
+    """The model's reply to one user message, generated through llama.cpp, with one adapter GGUF
+    (`lora`, scale 1) or several stacked with their scales (`adapters`), after the virtual tokens of
+    a `soft_prompt` file when given."""
     from edgetune.export.llama import load_llama
 
-    for path in (gguf_path, lora):
-        if path is not None and not Path(path).is_file():
+    adapters = [(Path(p), scale) for p, scale in adapters] + ([(Path(lora), 1.0)] if lora else [])
+    for path in (gguf_path, *(p for p, _ in adapters)):
+        if not Path(path).is_file():
             raise EdgetuneError(f"{path} does not exist")
     embeddings = None
     if soft_prompt is not None:
         from edgetune.export.soft_prompt import load
 
         embeddings = load(soft_prompt)
-    llm = load_llama(Path(gguf_path), n_ctx=ctx, lora=Path(lora) if lora else None, logits_all=False)
+    llm = load_llama(Path(gguf_path), n_ctx=ctx, adapters=adapters, logits_all=False)
     try:
-        text, stops = _prompt_and_stops(llm, prompt, system)
         if embeddings is not None:
+            text, stops = _prompt_and_stops(llm, prompt, system)
             return _after_soft_prompt(llm, embeddings, text, stops, max_tokens, temperature, ctx)
-        try:
-            result = llm.create_completion(text, max_tokens=max_tokens, temperature=temperature,
-                                           stop=stops or None, seed=0)
-        except ValueError as exc:  # e.g. the prompt is longer than the context
-            raise EdgetuneError(f"{exc}; try a larger --ctx") from None
+        return reply(llm, prompt, max_tokens, temperature, system)
     finally:
         llm.close()
+
+
+def reply(llm, prompt: str, max_tokens: int = 256, temperature: float = 0.0,
+          system: str | None = None) -> str:
+    """The reply of an already loaded llama-cpp-python model to one user message."""
+    text, stops = _prompt_and_stops(llm, prompt, system)
+    try:
+        result = llm.create_completion(text, max_tokens=max_tokens, temperature=temperature,
+                                       stop=stops or None, seed=0)
+    except ValueError as exc:  # e.g. the prompt is longer than the context
+        raise EdgetuneError(f"{exc}; try a larger --ctx") from None
     return result["choices"][0]["text"].strip()
 
 
@@ -123,6 +134,6 @@ def torch_and_llama_answers(run: Path, gguf: Path, soft_prompt: Path, records: l
 
 
 def main(config: RunConfig) -> int:
-    print(answer(config.model, config.prompt, config.max_tokens, config.lora, config.temperature,
-                 config.system, config.ctx, config.soft_prompt))
+    print(answer(config.model, config.prompt, config.max_tokens, None, config.temperature,
+                 config.system, config.ctx, config.soft_prompt, adapters=config.adapters))
     return 0

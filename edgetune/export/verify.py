@@ -3,6 +3,7 @@
 Both sides see exactly the same ids (no re-tokenization), so any difference is the file's: weight
 rounding, a wrong rotary permutation, a wrong hyper-parameter. f16, bf16 and q8_0 files are gated on
 KL divergence and clear-margin top-1 agreement (see gate.py); lower-bit types are reported, not failed.
+fp32 phone files (ExecuTorch, LiteRT) are held to the 16-bit gate.
 """
 
 from dataclasses import dataclass

@@ -68,7 +68,7 @@ def adapter_activations(shape: ModelShape, method: str, rank: int, c: int, share
     """Bytes per token per layer that the method's layers keep, by source (c: compute dtype bytes;
     share: an fp32 compute dtype, where the adapters' fp32 input casts are no-ops; fused: edgetune's
     own layers run, not PEFT's forward)."""
-    h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
+    h, i, q = shape.hidden, shape.intermediate, shape.q_dim
     if not METHODS[method].ranked:
         if method == "ia3":  # k and v outputs (scaled after the matmul), down_proj's input (before)
             return {"ia3 inputs": c * sum(ia3_widths(shape))}

@@ -13,7 +13,7 @@ from edgetune.plan import search, timing
 from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
 from edgetune.plan.config import PlanConfig
 from edgetune.plan.lengths import Lengths, choose_seq_len, measure
-from edgetune.plan.memory import SAFETY_MARGIN, Setting
+from edgetune.plan.memory import SAFETY_MARGIN, adapter_bytes
 from edgetune.shape import ModelShape, shape_from_gguf, shape_from_model_dir
 from edgetune.tables import columns
 from edgetune.units import format_size
@@ -32,20 +32,42 @@ def main(config: PlanConfig) -> int:
         return _catalogue(config, gflops)
     shape, model_dir = load_shape(config.model)
     lengths = measure(config.data, model_dir) if config.data else None
-    seq_len = config.seq_len or (choose_seq_len(lengths) if lengths else DEFAULT_SEQ_LEN)
+    seq_len = config.seq_len or _default_seq_len(shape, lengths)
     kwargs = _search_kwargs(config, seq_len)
-    fits = search.ranked(shape, config.budget_bytes, **kwargs)
+    fits = search.ranked(shape, per_process(config), **kwargs)
     if not fits:
-        raise EdgetuneError(search.too_small_message(shape, config.budget_bytes,
+        raise EdgetuneError(search.too_small_message(shape, per_process(config),
                                                      budget_flag=config.budget_flag, **kwargs))
     plan, alternatives = fits[0], search.alternatives(fits, fits[0])
-    speed = timing.tokens_per_second(shape, _setting(plan, config.device), gflops)
+    speed, reduce_s = _speed(config, shape, plan, gflops)
     target = _target_fit(config.target, shape, seq_len)
     if config.json:
-        print(json.dumps(as_json(config, shape, plan, alternatives, speed, lengths, target), indent=2))
+        out = as_json(config, shape, plan, alternatives, speed, lengths, target)
+        out.update(nproc=config.nproc, budget_per_process_bytes=per_process(config),
+                   allreduce_s_per_step=round(reduce_s, 4))
+        print(json.dumps(out, indent=2))
     else:
         print(render(config, shape, plan, alternatives, speed, gflops, lengths, target))
+        if config.nproc > 1:
+            print(f"{config.nproc} processes: memory above is per process ({config.budget_flag} "
+                  f"shared, {format_size(per_process(config))} each), --batch {config.batch} is "
+                  f"their global batch; speed counts {reduce_s * 1000:.0f} ms per step to all-reduce "
+                  f"{format_size(adapter_bytes(shape, plan.setting))} of adapter gradients (gloo on one "
+                  f"machine, docs/distributed.md; across machines the network sets it)")
     return 0
+
+
+def per_process(config: PlanConfig) -> int:
+    """The budget of one process: the processes on this machine share its memory."""
+    return config.budget_bytes // config.nproc
+
+
+def _speed(config: PlanConfig, shape: ModelShape, plan: search.Plan,
+           gflops: dict | None) -> tuple[float, float]:
+    """Tokens/s of the whole run and seconds of all-reduce per step."""
+    single = timing.tokens_per_second(shape, plan.setting, gflops)
+    step_tokens = plan.batch_size * plan.grad_accum * config.nproc * plan.seq_len
+    return timing.data_parallel(single, config.nproc, step_tokens, adapter_bytes(shape, plan.setting))
 
 
 def load_shape(model: str) -> tuple[ModelShape, Path | None]:
@@ -64,6 +86,12 @@ def load_shape(model: str) -> tuple[ModelShape, Path | None]:
                         f"({', '.join(CATALOGUE)})")
 
 
+def _default_seq_len(shape: ModelShape, lengths: Lengths | None) -> int:
+    """From the data when given, else DEFAULT_SEQ_LEN; never more than the model holds."""
+    seq_len = choose_seq_len(lengths) if lengths else DEFAULT_SEQ_LEN
+    return min(seq_len, shape.max_positions or seq_len)
+
+
 def compute_dtype(config: PlanConfig) -> str:
     if config.dtype != "auto":
         return config.dtype
@@ -75,18 +103,13 @@ def compute_dtype(config: PlanConfig) -> str:
 
 
 def _search_kwargs(config: PlanConfig, seq_len: int) -> dict:
-    kwargs = {"seq_len": seq_len, "device": config.device, "target_batch": config.batch,
+    kwargs = {"seq_len": seq_len, "device": config.device,
+              "target_batch": max(1, math.ceil(config.batch / config.nproc)),
               "dtype": compute_dtype(config), "method": config.method,
               "virtual_tokens": config.virtual_tokens}
     if config.rank is not None:
         kwargs["ranks"] = (config.rank,)
     return kwargs
-
-
-def _setting(plan: search.Plan, device: str) -> Setting:
-    return Setting(plan.quant, plan.rank, plan.batch_size, plan.seq_len, plan.grad_checkpointing,
-                   plan.optim, plan.dtype, device=device, method=plan.method,
-                   virtual_tokens=plan.virtual_tokens)
 
 
 def _target_fit(target: str | None, shape: ModelShape, seq_len: int):
@@ -98,20 +121,21 @@ def _target_fit(target: str | None, shape: ModelShape, seq_len: int):
     return fits(target, shape, max(seq_len, 2048))
 
 
-def _steps(lengths: Lengths | None, plan: search.Plan, epochs: float) -> tuple[int, int] | None:
+def _steps(lengths: Lengths | None, plan: search.Plan, epochs: float,
+           nproc: int = 1) -> tuple[int, int] | None:
     """(optimizer steps, tokens trained) for the data, or None without data."""
     if lengths is None:
         return None
-    per_step = plan.batch_size * plan.grad_accum
+    per_step = plan.batch_size * plan.grad_accum * nproc
     steps = max(1, math.ceil(epochs * len(lengths.counts) / per_step))
     return steps, int(epochs * lengths.tokens(plan.seq_len))
 
 
 def render(config: PlanConfig, shape: ModelShape, plan: search.Plan, alternatives: list,
            speed: float, gflops: dict | None, lengths: Lengths | None, target) -> str:
-    budget = config.budget_bytes
+    budget = per_process(config)
     lines = [f"{shape.name}: {shape.params / 1e6:,.0f}M parameters; {config.budget_flag} "
-             f"{format_size(budget)} (binary units); seq-len {plan.seq_len}; "
+             f"{format_size(config.budget_bytes)} (binary units); seq-len {plan.seq_len}; "
              f"effective batch {config.batch}; {config.device} in {plan.dtype}",
              f"plan: {plan.describe()}", "", f"memory: {PEAK_NOTE}"]
     for name, value in plan.memory.terms.items():
@@ -125,7 +149,7 @@ def render(config: PlanConfig, shape: ModelShape, plan: search.Plan, alternative
     lines.append("")
     source = "calibrated" if gflops else "a guess: run with --calibrate to time this machine"
     lines.append(f"speed: about {speed:,.0f} tokens/s ({source})")
-    counted = _steps(lengths, plan, config.epochs)
+    counted = _steps(lengths, plan, config.epochs, config.nproc)
     if counted is not None:
         steps, tokens = counted
         how = "" if lengths.exact else " (estimated at 4 characters per token)"
@@ -138,8 +162,15 @@ def render(config: PlanConfig, shape: ModelShape, plan: search.Plan, alternative
     if target is not None:
         lines.append(f"on {config.target}: {target.summary()}")
     lines.append(f"train with: edgetune train --model {_train_ref(config.model)} "
-                 f"{' '.join(plan.train_flags())}")
+                 f"{' '.join(plan.train_flags())}{_guard_flag(config)}"
+                 + (f" --nproc {config.nproc}" if config.nproc > 1 else ""))
     return "\n".join(lines)
+
+
+def _guard_flag(config: PlanConfig) -> str:
+    """The trainer's --ram, so that its memory guard watches the budget this plan was made for
+    (the guard reads host memory: none for a --vram plan)."""
+    return f" --ram {config.ram}" if config.device == "cpu" else ""
 
 
 def _train_ref(model: str) -> str:
@@ -165,7 +196,7 @@ def as_json(config: PlanConfig, shape: ModelShape, plan: search.Plan, alternativ
     out = {"model": shape.name, "params": shape.params, "budget_bytes": config.budget_bytes,
            "device": config.device, "safety_margin": SAFETY_MARGIN, "plan": one(plan),
            "alternatives": [one(p) for p in alternatives], "tokens_per_s": round(speed, 1)}
-    counted = _steps(lengths, plan, config.epochs)
+    counted = _steps(lengths, plan, config.epochs, config.nproc)
     if counted is not None:
         out["data"] = {"examples": len(lengths.counts), "exact_tokens": lengths.exact,
                        "steps": counted[0], "tokens": counted[1],
@@ -184,7 +215,7 @@ def _catalogue(config: PlanConfig, gflops: dict | None) -> int:
         fits = search.ranked(shape, config.budget_bytes, **kwargs)
         if fits:
             plan = fits[0]
-            speed = timing.tokens_per_second(shape, _setting(plan, config.device), gflops)
+            speed = timing.tokens_per_second(shape, plan.setting, gflops)
             rows.append((shape.name, f"{shape.params / 1e9:.2f}B", "yes", plan.describe(),
                          format_size(plan.memory.total), f"{speed:,.1f}"))
             records.append({"model": shape.name, "fits": True, "plan": plan.describe(),

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from edgetune.config import option
+from edgetune.constants import BATCH_SIZE, GRAD_ACCUM
 from edgetune.errors import EdgetuneError
 from edgetune.methods import NAMES
 from edgetune.units import parse_size
@@ -22,7 +23,8 @@ class PlanConfig:
     seq_len: int | None = option(None, "sequence length in tokens (default: from --data, else 512)")
     data: str | None = option(None, "training JSONL: measure its token lengths to choose --seq-len "
                               "and estimate steps and time")
-    batch: int = option(16, "effective batch (micro-batch x gradient accumulation) to reach")
+    batch: int = option(BATCH_SIZE * GRAD_ACCUM, "effective batch (micro-batch x gradient "
+                        "accumulation) to reach; the default is `edgetune train`'s")
     epochs: float = option(1.0, "passes over --data, for the time estimate")
     method: str = option("lora", "adapter method to plan for (see edgetune train --method)",
                          choices=NAMES)
@@ -34,6 +36,9 @@ class PlanConfig:
                              "for the tokens/s estimate")
     target: str | None = option(None, "device profile the model will run on after export "
                                 "(see `edgetune devices`)")
+    nproc: int = option(1, "data-parallel processes on this machine (edgetune train --nproc): "
+                        "the budget is shared among them, --batch is their global batch, and the "
+                        "speed counts the all-reduce of the adapter's gradients")
     json: bool = option(False, "print the plan as JSON")
 
     def __post_init__(self) -> None:
@@ -45,7 +50,7 @@ class PlanConfig:
             raise EdgetuneError("--device cuda plans for GPU memory: pass --vram, e.g. --vram 6gb")
         if self.budget_bytes <= 0:
             raise EdgetuneError(f"{self.budget_flag} must be more than zero")
-        for name in ("seq_len", "batch", "rank", "virtual_tokens"):
+        for name in ("seq_len", "batch", "rank", "nproc", "virtual_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -27,8 +27,9 @@ RUNTIME_BYTES = 404 * MiB
 # The fast tokenizer in memory, per vocabulary entry (tokens and merges): Gemma 3's 262,144 entries
 # measured 322 MiB of RSS once loaded, SmolLM2's 49,152 entries 46 MiB (978 bytes each).
 TOKENIZER_BYTES_PER_ENTRY = 1290
-# bitsandbytes adds its own library and CPU kernels once imported (nf4, int8 or an 8-bit optimizer).
-BNB_RUNTIME_BYTES = 60 * MiB
+# bitsandbytes adds its own library and CPU kernels once imported (nf4, int8 or an 8-bit optimizer):
+# measured with a 4-bit round trip and an 8-bit AdamW step beside the trainer's modules (docs/planner.md).
+BNB_RUNTIME_BYTES = 12 * MiB
 # Share of the budget kept free for what the model does not see (allocator fragmentation, the page
 # cache of the data file, other threads' arenas): the planner fits `peak * (1 + SAFETY_MARGIN)`.
 SAFETY_MARGIN = 0.10
@@ -70,6 +71,7 @@ class Setting:
     dtype: str = "bf16"
     double_quant: bool = True
     device: str = "cpu"
+    grad_accum: int = 1  # micro-batches per optimizer step
     method: str = "lora"  # edgetune.methods
     virtual_tokens: int = 20  # prompt, ptuning, prefix
     init_rank: int | None = None  # adalora (None: 1.5 x rank)
@@ -91,10 +93,10 @@ class Setting:
 class Breakdown:
     """Named byte counts of a training step, and the loading peak.
 
-    `peak` is the predicted peak RSS (what `ru_maxrss` will report). `total` is what must fit the
-    budget: the training step plus the safety margin. Loading may peak higher in RSS, but only by
-    the mapped checkpoint's clean file pages, which the kernel drops under memory pressure instead
-    of failing, so a checkpoint larger than the budget still loads.
+    `peak` is the predicted peak RSS (what `ru_maxrss` and the trainer's memory guard will read).
+    `total` is what must fit the budget: that peak plus the safety margin. Loading peaks above the
+    training step only while a converted base has tensors in flight; a checkpoint used in place is
+    the weights themselves.
     """
 
     terms: dict[str, int] = field(default_factory=dict)
@@ -111,7 +113,7 @@ class Breakdown:
 
     @property
     def total(self) -> int:
-        return int(self.train_peak * (1 + self.margin))
+        return int(self.peak * (1 + self.margin))
 
 
 def compute_bytes(dtype: str) -> int:
@@ -170,8 +172,9 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
 
     PEFT casts each adapted layer's input to the adapter's fp32 before lora_A, and autograd keeps
     each cast copy; with an fp32 compute dtype the cast is a no-op and q, k, v (and gate, up) share
-    one saved input. o_proj's input is its own tensor either way: the attention heads are transposed
-    back and made contiguous. RMSNorm upcasts its input to fp32 and keeps it, with one fp32 inverse
+    one saved input. o_proj's input is its own tensor where a packed row holds examples of different
+    lengths (the per-length attention outputs are joined into a new tensor); where all have one length
+    it is SDPA's saved output itself, q_dim values per token fewer than counted here. RMSNorm upcasts its input to fp32 and keeps it, with one fp32 inverse
     norm per token. A frozen bf16 linear layer keeps nothing, but bitsandbytes' 4/8-bit matmuls keep
     their input (in fp32, the same tensor as the adapter's). SDPA (flash kernel on the CPU) keeps q,
     k, v, its output and a logsumexp, no seq x seq matrix. tests/test_plan.py counts the saved
@@ -194,9 +197,11 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
         terms["attention"] += 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads)
     if setting.method == "prefix":  # each layer's SDPA keeps its own mask over prefix and row
         terms["attention mask"] = c * (setting.seq_len + setting.virtual_tokens)
-    if setting.quant != "none" and not share and METHODS[setting.method].folds:
-        # bitsandbytes keeps its own compute-dtype input beside the adapter's fp32 copy; in fp32
-        # the two are one tensor (measured: the same saved bytes with and without nf4).
+    if (setting.quant != "none" and not share and setting.device != "cpu"
+            and METHODS[setting.method].folds):
+        # bitsandbytes' GPU layers keep their own compute-dtype input beside the adapter's fp32
+        # copy; in fp32 the two are one tensor (measured: the same saved bytes with and without
+        # nf4). On the CPU the trainer's 4/8-bit matmuls keep nothing (edgetune.train.fourbit).
         terms["quantized inputs"] = c * (2 * h + q + i)
     return terms
 
@@ -227,14 +232,40 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> int:
     return int(tokens * shape.layers * per_layer * factor)
 
 
+def recomputed_bytes(shape: ModelShape, setting: Setting) -> int:
+    """With checkpointing, the one layer recomputed at a time: its saved tensors live through the
+    whole backward pass (counted in activation_bytes)."""
+    if not setting.grad_checkpointing:
+        return 0
+    return setting.positions.tokens * sum(layer_activation_bytes(shape, setting).values())
+
+
+def gradient_bytes(shape: ModelShape, setting: Setting) -> int:
+    """Adapter gradients beyond the memory that the backward pass has freed by the time they peak.
+
+    The backward pass runs from the last layer to the first, and each layer frees its saved
+    activations (its checkpoint, with checkpointing) as its adapters' gradients appear; the loss's
+    tensors go first. The gradients are complete at the first layer, when those are gone, so only
+    what they exceed them by adds to the peak (measured: a Qwen2.5-1.5B shape at rank 64 peaks at
+    the end of the backward pass, docs/planner.md). With gradient accumulation the gradients of the
+    first micro-batch stay through the next ones' activations, and count whole.
+    """
+    if setting.grad_accum > 1:
+        return adapter_bytes(shape, setting)
+    freed = (activation_bytes(shape, setting) - recomputed_bytes(shape, setting)
+             + loss_bytes(shape, setting.positions))
+    return max(0, adapter_bytes(shape, setting) - freed)
+
+
 def fused_lora(setting: Setting) -> bool:
     """Whether the trainer's fused layers run (edgetune.train.lora, .dora): LoRA or rsLoRA with
-    adapters in the compute dtype (fp32; bf16 compute keeps fp32 adapters) over a dense or CPU 4-bit
-    base, not int8; DoRA over a dense base only. Methods that learn inputs have no adapter layers at
-    all: they count as lean too."""
-    nf4_cpu = setting.quant == "nf4" and setting.device == "cpu" and setting.method != "dora"
+    adapters in the compute dtype (fp32; bf16 compute keeps fp32 adapters) over a dense base, or a
+    4/8-bit one on the CPU (widened into the shared buffer); DoRA over a dense base only;
+    bitsandbytes' own layers on a GPU keep PEFT's forward. Methods that learn inputs have no adapter
+    layers at all: they count as lean too (activation_bytes)."""
+    quantized_cpu = setting.device == "cpu" and setting.method != "dora"
     return METHODS[setting.method].fused and setting.dtype == "fp32" and (setting.quant == "none"
-                                                                          or nf4_cpu)
+                                                                          or quantized_cpu)
 
 
 def backward_work_bytes(shape: ModelShape, setting: Setting) -> int:
@@ -266,13 +297,14 @@ def loss_bytes(shape: ModelShape, setting: Setting) -> int:
 def temporary_bytes(shape: ModelShape, setting: Setting) -> int:
     """Dequantized weights during a 4/8-bit matmul, in the compute dtype.
 
-    On the CPU, 4-bit layers dequantize into one buffer they share, a block of rows at a time
-    (edgetune.train.fourbit); elsewhere bitsandbytes makes new copies of the largest weight.
+    On the CPU, 4/8-bit layers widen into one buffer they share, a block of rows at a time
+    (edgetune.train.fourbit, edgetune.train.eightbit); elsewhere bitsandbytes makes new copies of
+    the largest weight.
     """
     if setting.quant == "none":
         return 0
     largest = max(a * b for a, b in shape.linears())
-    if setting.quant == "nf4" and setting.device == "cpu":
+    if setting.device == "cpu":
         return min(largest, DEQUANT_BUFFER_ELEMENTS) * compute_bytes(setting.dtype)
     return DEQUANT_COPIES * largest * compute_bytes(setting.dtype)
 
@@ -291,10 +323,15 @@ def load_peak_bytes(shape: ModelShape, setting: Setting, runtime: int, weights: 
         return runtime + weights
     file_bytes = DTYPE_BYTES.get(shape.file_dtype, 2)
     linears = LOAD_IN_FLIGHT * max(a * b for a, b in shape.linears()) * compute_bytes(setting.dtype)
-    # A widened embedding is read whole, then converted into the weight already counted.
-    widened = embedding_bytes_per_param(shape, setting) != file_bytes
-    embedding = shape.vocab * shape.hidden * file_bytes if widened else 0
-    return runtime + weights + max(linears, embedding)
+    end = runtime + weights + linears
+    if embedding_bytes_per_param(shape, setting) == file_bytes:
+        return end
+    # A widened embedding is read whole, then converted. The checkpoint's tensors are read in name
+    # order, where the embeddings (lm_head, model.embed_tokens) come before the decoder layers, so it
+    # is in flight beside the embeddings alone (measured: a Gemma 3 270M shape widened from bf16
+    # peaks in training, below the file's embedding beside all the weights).
+    embeddings = shape.embedding_params * embedding_bytes_per_param(shape, setting)
+    return max(end, runtime + embeddings + shape.token_embedding_params * file_bytes)
 
 
 def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
@@ -312,7 +349,7 @@ def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
         "base weights": base,
         "embeddings+norms": kept,
         "adapter": adapter,
-        "adapter grads": adapter,
+        "adapter grads": gradient_bytes(shape, setting),
         "optimizer": optimizer_bytes(shape, setting),
         "activations": activation_bytes(shape, setting),
         "backward": backward_work_bytes(shape, setting.positions),

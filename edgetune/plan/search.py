@@ -5,12 +5,13 @@ Preference, documented and tested: precision first (bf16 base > int8 > nf4; fp32
 micro-batch up to the target batch). Gradient accumulation makes up the rest of the target batch.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from edgetune.errors import EdgetuneError
 from edgetune.methods import METHODS
-from edgetune.plan.memory import OPTIMS, QUANTS, Breakdown, Setting, breakdown
+from edgetune.plan.memory import OPTIMS, QUANTS, RUNTIME_BYTES, Breakdown, Setting, breakdown
 from edgetune.shape import ModelShape
 from edgetune.units import format_size
 
@@ -32,8 +33,17 @@ class Plan:
     dtype: str  # compute dtype: "bf16" or "fp32"
     seq_len: int
     memory: Breakdown
+    device: str = "cpu"
     method: str = "lora"  # edgetune.methods
     virtual_tokens: int = 20  # prompt, ptuning, prefix
+    init_rank: int | None = None  # adalora (None: 1.5 x rank)
+
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.quant, self.rank, self.batch_size, self.seq_len, self.grad_checkpointing,
+                       self.optim, self.dtype, device=self.device, grad_accum=self.grad_accum,
+                       method=self.method, virtual_tokens=self.virtual_tokens,
+                       init_rank=self.init_rank)
 
     def describe(self) -> str:
         base = self.dtype if self.quant == "none" else self.quant
@@ -55,6 +65,8 @@ class Plan:
         flags = [] if chosen.name == "lora" else ["--method", chosen.name]
         flags += ["--rank", str(self.rank)] if chosen.ranked else []
         flags += ["--virtual-tokens", str(self.virtual_tokens)] if chosen.virtual_tokens else []
+        if chosen.name == "adalora" and self.init_rank is not None:
+            flags += ["--init-rank", str(self.init_rank)]
         flags = ["--quant", self.quant] + flags + [
             "--batch-size", str(self.batch_size), "--grad-accum", str(self.grad_accum), "--optim",
             self.optim, "--seq-len", str(self.seq_len), "--dtype", self.dtype]
@@ -73,6 +85,7 @@ def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_b
                init_rank: int | None = None) -> list[Plan]:
     """Every setting of the search space, most preferred first, each with its breakdown. Methods
     without a rank (IA3, learned inputs) are planned once, at the first of `ranks`."""
+    check_seq_len(shape, seq_len)
     plans = []
     if not METHODS[method].ranked:
         ranks = ranks[:1]
@@ -81,13 +94,14 @@ def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_b
             for rank in ranks:
                 for ckpt in (False, True):
                     for batch in _batches(target_batch):
+                        accum = math.ceil(target_batch / batch)
                         setting = Setting(quant=quant, rank=rank, batch_size=batch, seq_len=seq_len,
                                           grad_checkpointing=ckpt, optim=optim, dtype=dtype,
-                                          device=device, method=method,
+                                          device=device, grad_accum=accum, method=method,
                                           virtual_tokens=virtual_tokens, init_rank=init_rank)
-                        plans.append(Plan(quant, rank, batch, math.ceil(target_batch / batch), ckpt,
-                                          optim, dtype, seq_len, breakdown(shape, setting), method,
-                                          virtual_tokens))
+                        plans.append(Plan(quant, rank, batch, accum, ckpt, optim, dtype, seq_len,
+                                          breakdown(shape, setting), device, method, virtual_tokens,
+                                          init_rank))
     plans.sort(key=_preference)
     return plans
 
@@ -97,9 +111,18 @@ def _preference(plan: Plan) -> tuple:
             plan.grad_checkpointing, -plan.batch_size)
 
 
-def ranked(shape: ModelShape, budget_bytes: int, **kwargs) -> list[Plan]:
-    """The settings that fit `budget_bytes` (peak plus safety margin), most preferred first."""
-    return [p for p in candidates(shape, **kwargs) if p.memory.total <= budget_bytes]
+def check_seq_len(shape: ModelShape, seq_len: int) -> None:
+    """A sequence longer than the model's positions is a user error that names the longest."""
+    if shape.max_positions and seq_len > shape.max_positions:
+        raise EdgetuneError(f"--seq-len {seq_len} is longer than {shape.name} holds "
+                            f"(max_position_embeddings {shape.max_positions}): use --seq-len "
+                            f"{shape.max_positions} or less")
+
+
+def ranked(shape: ModelShape, budget_bytes: int, *, scale: float = 1.0, **kwargs) -> list[Plan]:
+    """The settings that fit `budget_bytes` (peak plus safety margin, times `scale` when a
+    measurement said the model runs that much over), most preferred first."""
+    return [p for p in candidates(shape, **kwargs) if p.memory.total * scale <= budget_bytes]
 
 
 def smallest(shape: ModelShape, **kwargs) -> Plan:
@@ -124,14 +147,25 @@ def too_small_message(shape: ModelShape, budget_bytes: int, *, seq_len: int,
                       budget_flag: str = "--ram", **kwargs) -> str:
     """Why nothing fits: the smallest budget that would work, and what to change."""
     least = smallest(shape, seq_len=seq_len, **kwargs)
+    budget = f"{budget_flag} {_size_flag(budget_bytes)}"
+    needs = (f"{shape.name} needs {budget_flag} {_size_flag(least.memory.total)} with "
+             f"{least.describe()} at --seq-len {seq_len}")
+    runtime = min(RUNTIME_BYTES, least.memory.terms["runtime"])
+    if budget_bytes < runtime:
+        return (f"{budget} is less than the trainer's runtime alone ({format_size(runtime)}: "
+                f"torch, transformers and peft loaded); {needs}")
     hint = "a smaller model"
     for shorter in (seq_len // 2, seq_len // 4, 128, 64):
         if 16 <= shorter < seq_len and smallest(shape, seq_len=shorter, **kwargs).memory.total <= budget_bytes:
             hint = f"--seq-len {shorter} or a smaller model"
             break
-    return (f"{budget_flag} {format_size(budget_bytes).replace(' ', '')} is too small for "
-            f"{shape.name}: needs {format_size(least.memory.total)} with {least.describe()} at "
-            f"--seq-len {seq_len}; try {hint}")
+    return f"{budget} is too small: {needs}; or try {hint}"
+
+
+def _size_flag(n: int) -> str:
+    """A size as a flag value that names at least `n` bytes (rounded up, never down)."""
+    gib = math.ceil(n / 2**30 * 100) / 100
+    return f"{gib:.2f}gb" if gib >= 1 else f"{math.ceil(n / 2**20)}mb"
 
 
 def alternatives(plans: list[Plan], chosen: Plan, n: int = 3) -> list[Plan]:
@@ -148,13 +182,34 @@ def alternatives(plans: list[Plan], chosen: Plan, n: int = 3) -> list[Plan]:
     return out
 
 
-def suggestion(shape: ModelShape, budget_bytes: int, *, seq_len: int, target_batch: int,
-               dtype: str = "bf16", device: str = "cpu", **kwargs) -> str:
-    """One line for the trainer's memory guard: the settings that fit the budget, as train flags."""
-    try:
-        plan = choose(shape, budget_bytes, seq_len=seq_len, device=device,
-                      target_batch=target_batch, dtype=dtype, **kwargs)
-    except EdgetuneError as exc:
-        return str(exc)
-    return (f"`edgetune plan` suggests {plan.describe()} (predicted {format_size(plan.memory.train_peak)}"
-            f"): {' '.join(plan.train_flags())}")
+def _same(planned: Setting, ran: Setting) -> bool:
+    """Whether a plan is the run's own setting; the rank of a method without one does not count."""
+    if not METHODS[ran.method].ranked:
+        planned = dataclasses.replace(planned, rank=ran.rank)
+    return planned == ran
+
+
+def suggestion(shape: ModelShape, budget_bytes: int, *, ran: Setting, measured_peak: int,
+               target_batch: int, budget_flag: str = "--ram") -> str:
+    """One line for the trainer's memory guard: how the run's measured peak compares with the
+    planner's prediction for its settings, and the best other settings that fit the budget once
+    every prediction is scaled by that ratio (never below 1)."""
+    predicted = breakdown(shape, ran).peak
+    ratio = measured_peak / predicted
+    why = (f"the planner predicted {format_size(predicted)} for these settings; measured "
+           f"{format_size(measured_peak)} ({ratio:.2f}x)")
+    scale = max(1.0, ratio)
+    question = {"seq_len": ran.seq_len, "device": ran.device, "target_batch": target_batch,
+                "dtype": ran.dtype, "method": ran.method, "virtual_tokens": ran.virtual_tokens,
+                "init_rank": ran.init_rank}
+    others = [p for p in ranked(shape, budget_bytes, scale=scale, **question)
+              if not _same(p.setting, ran)]
+    scaled = f" scaled by {scale:.2f}" if scale > 1 else ""
+    if not others:
+        least = smallest(shape, **question)
+        return (f"{why}; with predictions{scaled}, nothing else fits {budget_flag} "
+                f"{format_size(budget_bytes)}: {least.describe()} needs "
+                f"{format_size(least.memory.total * scale)}")
+    plan = others[0]
+    return (f"{why}; with predictions{scaled}, `edgetune plan` suggests {plan.describe()} (predicted "
+            f"{format_size(plan.memory.peak * scale)}): {' '.join(plan.train_flags())}")

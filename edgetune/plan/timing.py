@@ -22,6 +22,10 @@ EFFICIENCY = {"none": 0.85, "int8": 0.7, "nf4": 0.75}
 LEAN_HEAP_EFFICIENCY = 0.7
 # Used when the machine was never calibrated: a guess for an idle 2-core laptop, said as such.
 DEFAULT_GFLOPS = {"bf16": 20.0, "fp32": 20.0}
+# Gradient bytes two gloo ranks on one machine sum per second with one flat all-reduce; measured by
+# benchmarks/allreduce.py on SmolLM2's rank-16 adapter (docs/distributed.md). Across machines the
+# network sets it instead.
+GLOO_BYTES_PER_S = 133 * 2**20
 _BENCH = """
 import json, time, torch
 speeds = {}
@@ -110,3 +114,16 @@ def format_duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def data_parallel(single: float, nproc: int, step_tokens: int, gradient_bytes: int) -> tuple[float, float]:
+    """(tokens/s of `nproc` processes together, seconds of all-reduce per step).
+
+    The processes share this machine's cores, so together they compute at the speed of one process
+    using them all (`single`); each step adds one ring all-reduce of the adapter's gradients, in
+    which every rank sends and receives 2 (n - 1) / n of them.
+    """
+    if nproc == 1:
+        return single, 0.0
+    reduce_s = 2 * (nproc - 1) / nproc * gradient_bytes / GLOO_BYTES_PER_S
+    return step_tokens / (step_tokens / single + reduce_s), reduce_s

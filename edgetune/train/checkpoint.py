@@ -98,6 +98,18 @@ def completed(run_dir: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def micro_batches(path: Path) -> int | None:
+    """Micro-batches per optimizer step (ranks x gradient accumulation) of checkpoint `path`; None
+    for a checkpoint written before this was recorded."""
+    import json
+
+    try:
+        value = json.loads((path / statefile.TREE).read_text()).get("micro_batches")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 def load(path: Path, model: Any) -> dict:
     """Load a checkpoint's adapter weights into `model` and return its training state."""
     from peft import set_peft_model_state_dict

@@ -1,7 +1,9 @@
 """`edgetune train`: load, tokenize, train with LoRA/QLoRA, and leave a PEFT adapter in the run folder."""
 
+import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +24,14 @@ from edgetune.units import parse_size
 
 
 def main(config: TrainConfig, task: "Supervised | None" = None) -> int:
+    from edgetune.train.distributed import launched
+
+    if (config.nproc or 1) > 1 and not launched():
+        from edgetune.train.launch import launch
+
+        return launch(config, (task or Supervised()).verb)
     summary = train(config, task=task)
-    if summary.interrupted:
+    if summary.interrupted and os.environ.get("RANK", "0") == "0":  # rank 0 speaks for the run
         say(f"interrupted at step {summary.steps}; checkpoint written. "
             f"Continue with: edgetune {(task or Supervised()).verb} --resume --output {config.output}")
         return summary.exit_status
@@ -75,14 +83,20 @@ def train(config: TrainConfig, on_step: Callable[[int], None] | None = None,
     """Run `config` to completion (or interruption) and return the loop's Summary.
 
     Every setting and file is checked before anything is written or a model loads. The run folder is
-    locked while the run lasts; SIGINT and SIGTERM end it with a checkpoint (see signals.py).
+    locked while the run lasts; SIGINT and SIGTERM end it with a checkpoint (see signals.py). In a
+    process launched as one rank of a data-parallel run, rank 0 alone checks, locks and writes the
+    folder, and hands what it read to the other ranks (distributed.py).
     """
-    with stop_on_signals():
+    from edgetune.train.distributed import joined
+
+    with stop_on_signals(), joined(config.nproc, config.dist_timeout, config.device) as world:
+        world.check_same(recorded_settings(config))
         run_dir = Path(config.output).expanduser()
         task = task or Supervised()
-        if config.resume:
-            return _resume(config, run_dir, on_step, task)
-        return _fresh(config, run_dir, on_step, task)
+        with contextlib.ExitStack() as held:  # rank 0's lock on the run folder
+            if config.resume:
+                return _resume(config, run_dir, on_step, task, world, held)
+            return _fresh(config, run_dir, on_step, task, world, held)
 
 
 def _lock(run_dir: Path):
@@ -96,13 +110,16 @@ def _check_output(config: TrainConfig, run_dir: Path) -> None:
                             "or --resume to continue it")
 
 
-def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None, task: Supervised) -> Any:
-    _check_output(config, run_dir)
-    setup = prepare(config, run_dir, task)  # a bad flag, file or model fails here, before any write
+def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None, task: Supervised,
+           world: Any, held: contextlib.ExitStack) -> Any:
+    world.on_main(lambda: _check_output(config, run_dir))
+    setup = prepare(config, run_dir, task, world)  # a bad flag, file or model fails here, before any write
     model = load_model(setup)  # only now, with everything read and loaded, is a folder made
-    with folders.disk_errors(run_dir.parent):
-        run_dir.mkdir(parents=True, exist_ok=True)
-    with _lock(run_dir):
+
+    def claim() -> None:
+        with folders.disk_errors(run_dir.parent):
+            run_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(_lock(run_dir))
         _check_output(config, run_dir)  # again, now that no other process can be writing it
         with folders.disk_errors(run_dir):
             folders.clear(run_dir)
@@ -110,41 +127,66 @@ def _fresh(config: TrainConfig, run_dir: Path, on_step: Callable | None, task: S
         folders.write_text_atomic(run_dir / RUN_CONFIG, text)
         if setup.template is not None:
             folders.write_text_atomic(run_dir / CHAT_TEMPLATE, setup.template)
-        return _run(setup, model, run_dir, None, on_step)
+
+    world.on_main(claim)
+    return _run(setup, model, run_dir, None, on_step, world)
 
 
-def _resume(config: TrainConfig, run_dir: Path, on_step: Callable | None, task: Supervised) -> Any:
-    from edgetune.train.checkpoint import completed, step_of
+def _resume(config: TrainConfig, run_dir: Path, on_step: Callable | None, task: Supervised,
+            world: Any, held: contextlib.ExitStack) -> Any:
+    from edgetune.train.checkpoint import completed, micro_batches, step_of
 
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise EdgetuneError(f"--resume: {run_dir} is not an edgetune run (no {RUN_CONFIG})")
-    with _lock(run_dir):
-        config, changes = resumed_config(config, run_dir)
-        setup = prepare(config, run_dir, task)
-        model = load_model(setup)
+    def claim() -> tuple:
+        if not (run_dir / RUN_CONFIG).is_file():
+            raise EdgetuneError(f"--resume: {run_dir} is not an edgetune run (no {RUN_CONFIG})")
+        held.enter_context(_lock(run_dir))
+        resumed, changes = resumed_config(config, run_dir)
         for folder in (run_dir, run_dir / "checkpoints"):  # what an interrupted process left
             folders.remove_leftovers(folder)
         start = (completed(run_dir) or [None])[-1]
-        step = step_of(start) if start else 0
-        truncate_log(run_dir, step)
-        changed = f"; changed: {', '.join(changes)}" if changes else ""
-        if start is None:
-            print(f"edgetune: {run_dir} has no checkpoint yet: starting it again from step 0 with its "
-                  f"recorded settings{changed}")
-        else:
-            print(f"edgetune: resuming {run_dir} at step {step} of {setup.total} with its recorded "
-                  f"settings{changed}")
-        return _run(setup, model, run_dir, start, on_step)
+        truncate_log(run_dir, step_of(start) if start else 0)
+        resumed, change = per_rank_accum(resumed, micro_batches(start) if start else None, world.size)
+        return resumed, changes + change, start
+
+    config, changes, start = world.on_main(claim)
+    setup = prepare(config, run_dir, task, world)
+    model = load_model(setup)
+    changed = f"; changed: {', '.join(changes)}" if changes else ""
+    if start is None:
+        print(f"edgetune: {run_dir} has no checkpoint yet: starting it again from step 0 with its "
+              f"recorded settings{changed}")
+    else:
+        print(f"edgetune: resuming {run_dir} at step {step_of(start)} of {setup.total} with its "
+              f"recorded settings{changed}")
+    return _run(setup, model, run_dir, start, on_step, world)
 
 
-def prepare(config: TrainConfig, run_dir: Path, task: Supervised | None = None) -> Setup:
+def per_rank_accum(config: TrainConfig, micro: int | None, ranks: int) -> tuple[TrainConfig, list]:
+    """The run's settings with --grad-accum set so that `ranks` processes read the `micro`
+    micro-batches per step its checkpoint was written with: the global batch, and with it the
+    examples of every step, stays the same whatever the number of processes."""
+    if micro is None or micro == ranks * config.grad_accum:
+        return config, []
+    if micro % ranks:
+        raise EdgetuneError(f"--resume: each step of this run reads {micro} micro-batches, which "
+                            f"{ranks} processes cannot share equally: use a number of processes "
+                            f"that divides {micro}")
+    accum = micro // ranks
+    change = f"--grad-accum {config.grad_accum} -> {accum} ({ranks} process{'es' * (ranks > 1)})"
+    return dataclasses.replace(config, grad_accum=accum), [change]
+
+
+def prepare(config: TrainConfig, run_dir: Path, task: Supervised | None = None,
+            world: Any = None) -> Setup:
     """Check the data, device and model and tokenize; loads no weights and writes no run file."""
     import torch
 
     from edgetune.train import model as model_lib
+    from edgetune.train.distributed import World, default_threads
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    world = world or World()
+    if config.threads or world.size > 1:
+        torch.set_num_threads(config.threads or default_threads(world.local_size))
     task = task or Supervised()
     records = task.read_records(config)  # cheap checks first: a bad file fails before the model resolves
     if config.template and not config.resume:
@@ -154,11 +196,14 @@ def prepare(config: TrainConfig, run_dir: Path, task: Supervised | None = None) 
     model_dir = models.resolve(config.model, config.cache_dir)
     models.check_trainable(model_dir)
     if config.plan == "auto":
-        config = apply_plan(config, model_dir, device, dtype)
+        from edgetune.train.autoplan import apply_plan
+
+        config = apply_plan(config, model_dir, device, dtype, world.local_size)
     tokenizer = _tokenizer(model_dir)
     config, template = _chat_template(config, tokenizer, records, run_dir)
     train_set, eval_set = task.examples(config, tokenizer, records, model_dir)
-    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.grad_accum))
+    global_batch = config.batch_size * config.grad_accum * world.size
+    steps_per_epoch = math.ceil(len(train_set) / global_batch)
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     model_lib.check_targets(model_dir, config.modules, method(config.method).name)
     return Setup(config, model_dir, device, dtype, tokenizer, train_set, eval_set, total, template,
@@ -179,8 +224,8 @@ def load_model(setup: Setup) -> Any:
 
 
 def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
-         on_step: Callable | None) -> Any:
-    """Train (from checkpoint `start`, if any) and write the adapter."""
+         on_step: Callable | None, world: Any) -> Any:
+    """Train (from checkpoint `start`, if any) and write the adapter (rank 0)."""
     from edgetune.train import adapters
     from edgetune.train import model as model_lib
     from edgetune.train.checkpoint import save_adapter
@@ -192,27 +237,36 @@ def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
 
     config, total = setup.config, setup.total
     trainable, params = model_lib.parameter_counts(model)
+    ranks = (f"; {world.size} processes x {config.grad_accum} x {config.batch_size} examples per step"
+             if world.size > 1 else "")
     print(f"edgetune: {config.model}: {params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
           f"({describe(config)}); {len(setup.train_set)} train / {len(setup.eval_set)} eval "
-          f"examples; {total} steps on {setup.device} in {str(setup.dtype).removeprefix('torch.')}")
+          f"examples; {total} steps on {setup.device} in {str(setup.dtype).removeprefix('torch.')}"
+          f"{ranks}")
     optimizer = make_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad],
                                config.lr, config.weight_decay, setup.device)
     scheduler = cosine_schedule(optimizer, int(config.warmup * total), total)
     hooks = adapters.hooks(model, config.method)
     batches = Batches(setup.train_set, config.batch_size, config.seed, _pad_id(setup.tokenizer),
                       packed=hooks.packs)
-    guard = MemoryGuard(parse_size(config.ram)) if config.ram else None
+    # --ram is this machine's: its processes share it, each watching its own part
+    guard = MemoryGuard(parse_size(config.ram) // world.local_size) if config.ram else None
     loop = Loop(model, optimizer, scheduler, batches, setup.eval_set, run_dir, config, total, guard,
-                setup.task.objective(config), hooks)
-    if start is not None:
+                setup.task.objective(config), world, hooks)
+    if start is not None and world.main:
         loop.restore(start)
+    loop.share()  # every rank starts from rank 0's adapter, optimizer state and data position
     with lean_heap(config.grad_checkpointing) as release:  # the memory-first setting: see lean_heap
         summary = loop.run(on_step, after_step=release)
     if summary.stopped_for_memory:
+        from edgetune.train.autoplan import memory_suggestion
+
+        why = memory_suggestion(config, setup.model_dir, setup.device, setup.dtype, guard.peak)
         print(f"edgetune: stopped at step {summary.steps} to stay inside --ram {config.ram}: "
-              f"{guard.message}; checkpoint written. "
-              f"{_suggestion(config, setup.model_dir, setup.dtype)}")
-    elif not summary.interrupted:
+              f"{loop.memory_message}; checkpoint written. {why[0].upper()}{why[1:]}")
+    elif not summary.interrupted and world.main:
+        if guard is not None and guard.message:
+            print(f"edgetune: warning: on the last step, {guard.message}")
         save_adapter(run_dir, model, setup.tokenizer)
         update(run_dir, title=config.output)
         _report(summary, run_dir)
@@ -280,45 +334,6 @@ def load_examples(config: TrainConfig, tokenizer: Any, records: dict | None = No
     if config.eval_data:
         return examples(config.data), examples(config.eval_data)
     return split(examples(config.data), config.eval_split, config.seed)
-
-
-def _plan_inputs(config: TrainConfig, model_dir: Path, dtype: Any) -> tuple:
-    from edgetune.shape import shape_from_model_dir
-
-    return shape_from_model_dir(model_dir), parse_size(config.ram), str(dtype).endswith("bfloat16")
-
-
-def apply_plan(config: TrainConfig, model_dir: Path, device: str, dtype: Any) -> TrainConfig:
-    """--plan auto: the planner's quantization, rank, batch, checkpointing and optimizer."""
-    from edgetune.plan.search import choose
-
-    shape, budget, bf16 = _plan_inputs(config, model_dir, dtype)
-    plan = choose(shape, budget, seq_len=config.seq_len, device=device,
-                  target_batch=config.batch_size * config.grad_accum,
-                  dtype="bf16" if bf16 else "fp32", budget_flag=f"--ram {config.ram}",
-                  **_method_kwargs(config))
-    print(f"edgetune: --plan auto for --ram {config.ram}: {plan.describe()} "
-          f"(predicted peak {plan.memory.total / 2**30:.2f} GiB)")
-    rank = plan.rank if method(config.method).ranked else config.rank
-    return dataclasses.replace(config, quant=plan.quant, rank=rank, batch_size=plan.batch_size,
-                               grad_accum=plan.grad_accum, optim=plan.optim,
-                               grad_checkpointing=plan.grad_checkpointing, plan=None)
-
-
-def _suggestion(config: TrainConfig, model_dir: Path, dtype: Any) -> str:
-    from edgetune.plan.search import suggestion
-
-    shape, budget, bf16 = _plan_inputs(config, model_dir, dtype)
-    return suggestion(shape, budget, seq_len=config.seq_len,
-                      target_batch=config.batch_size * config.grad_accum,
-                      dtype="bf16" if bf16 else "fp32", device=config.device.replace("auto", "cpu"),
-                      **_method_kwargs(config))
-
-
-def _method_kwargs(config: TrainConfig) -> dict:
-    """The planner's view of the run's method."""
-    return {"method": method(config.method).name, "virtual_tokens": config.virtual_tokens,
-            "init_rank": config.init_rank}
 
 
 def _report(summary: Any, run_dir: Path) -> None:

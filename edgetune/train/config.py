@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from edgetune.config import given_field, option
+from edgetune.constants import BATCH_SIZE, GRAD_ACCUM
 from edgetune.errors import EdgetuneError
 from edgetune.methods import IA3_TARGETS, NAMES, method
 from edgetune.units import parse_size
@@ -28,8 +29,8 @@ class TrainConfig:
     resume: bool = option(False, "continue the run in --output from its last checkpoint, with its "
                                  "recorded settings; flags given here change only what they name")
     seq_len: int = option(512, "longest sequence in tokens; longer examples are truncated")
-    batch_size: int = option(4, "examples per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
+    batch_size: int = option(BATCH_SIZE, "examples per micro-batch")
+    grad_accum: int = option(GRAD_ACCUM, "micro-batches per optimizer step")
     steps: int | None = option(None, "optimizer steps (default: --epochs over the data)")
     epochs: float = option(1.0, "passes over the data when --steps is not given")
     lr: float = option(2e-4, "peak learning rate")
@@ -54,12 +55,19 @@ class TrainConfig:
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass, and "
                                             "unmap freed blocks of 1 MiB or more: less memory, slower")
     device: str = option("auto", "auto: CUDA when present, else CPU", choices=("auto", "cpu", "cuda"))
-    threads: int | None = option(None, "CPU threads for torch (default: all cores)")
+    threads: int | None = option(None, "CPU threads for torch, per process (default: the cores "
+                                 "divided among the processes on this machine)")
+    nproc: int | None = option(None, "data-parallel processes on this machine, started through "
+                               "torch.distributed's launcher (gloo on CPU, NCCL on CUDA); the global "
+                               "batch is --nproc x --grad-accum x --batch-size (default: 1)")
+    dist_timeout: int = option(600, "seconds a process waits for the others (to start, at each "
+                               "step) before the run ends with an error")
     seed: int = option(0, "seed for LoRA init, data order and the split")
     save_every: int = option(50, "write a checkpoint every N optimizer steps (0: only at the end)")
     eval_every: int = option(50, "evaluate every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep (0: all)")
-    ram: str | None = option(None, "memory budget, e.g. 8gb: stop cleanly before RSS would pass it")
+    ram: str | None = option(None, "memory budget, e.g. 8gb: stop cleanly before RSS would pass it "
+                              "(the processes of --nproc share it)")
     plan: str | None = option(None, "auto: choose quant, rank, batch and checkpointing for --ram",
                               choices=("auto",))
     cache_dir: str | None = option(None, "where GGUF models are cached as HF checkpoints "
@@ -73,7 +81,8 @@ class TrainConfig:
         positive = {"seq_len": self.seq_len, "batch_size": self.batch_size,
                     "grad_accum": self.grad_accum, "rank": self.rank,
                     "threads": 1 if self.threads is None else self.threads,
-                    "virtual_tokens": self.virtual_tokens}
+                    "nproc": 1 if self.nproc is None else self.nproc,
+                    "dist_timeout": self.dist_timeout, "virtual_tokens": self.virtual_tokens}
         if self.init_rank is not None:
             positive["init_rank"] = self.init_rank
         for name, value in positive.items():

@@ -48,9 +48,7 @@ class Workspace:
         most = max(step, self.elements // cols // step * step)
         count = math.ceil(rows / most)
         block_rows = min(rows, math.ceil(math.ceil(rows / count) / step) * step)
-        buffer = self.buffers.get(dtype)
-        if buffer is None or buffer.numel() < block_rows * cols:
-            buffer = self.buffers[dtype] = torch.empty(block_rows * cols, dtype=dtype)
+        buffer = self.buffer(dtype, block_rows * cols)
         packed, absmax = weight.data.view(torch.uint8).reshape(-1), _absmax(state)  # alive throughout
         # The kernel restarts its quantization blocks at each row it is given, while the weights were
         # quantized in blocks that run on across rows: hand it rows that a whole number of blocks
@@ -67,22 +65,40 @@ class Workspace:
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ W.T (+ bias) for 2-d `x`, one block of W's rows (the output's columns) at a time."""
-        out = torch.empty(x.shape[0], weight.quant_state.shape[0], dtype=x.dtype, device=x.device)
-        for first, w in self.blocks(weight, x.dtype):
-            columns = out[:, first:first + len(w)]
-            if bias is None:
-                torch.mm(x, w.t(), out=columns)
-            else:
-                torch.addmm(bias[first:first + len(w)], x, w.t(), out=columns)
-        return out
+        return linear_blocks(x, self.blocks(weight, x.dtype), weight.quant_state.shape[0], bias)
 
     def grad_input(self, grad: torch.Tensor, weight: Any) -> torch.Tensor:
         """grad @ W for 2-d `grad`, summed over blocks of W's rows."""
-        out = None
-        for first, w in self.blocks(weight, grad.dtype):
-            part = grad[:, first:first + len(w)]
-            out = part @ w if out is None else out.addmm_(part, w)
-        return out
+        return grad_input_blocks(grad, self.blocks(weight, grad.dtype))
+
+    def buffer(self, dtype: torch.dtype, elements: int) -> torch.Tensor:
+        """The shared buffer for `dtype`, grown to at least `elements`."""
+        buffer = self.buffers.get(dtype)
+        if buffer is None or buffer.numel() < elements:
+            buffer = self.buffers[dtype] = torch.empty(elements, dtype=dtype)
+        return buffer
+
+
+def linear_blocks(x: torch.Tensor, blocks: Iterator[tuple[int, torch.Tensor]], rows: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T (+ bias) for a W of `rows` rows given as (first row, dense rows) blocks."""
+    out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+    for first, w in blocks:
+        columns = out[:, first:first + len(w)]
+        if bias is None:
+            torch.mm(x, w.t(), out=columns)
+        else:
+            torch.addmm(bias[first:first + len(w)], x, w.t(), out=columns)
+    return out
+
+
+def grad_input_blocks(grad: torch.Tensor, blocks: Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    """grad @ W for a W given as (first row, dense rows) blocks."""
+    out = None
+    for first, w in blocks:
+        part = grad[:, first:first + len(w)]
+        out = part @ w if out is None else out.addmm_(part, w)
+    return out
 
 
 def _absmax(state: Any) -> torch.Tensor:
@@ -110,7 +126,7 @@ def _ptr(tensor: torch.Tensor) -> ctypes.c_void_p:
 class FrozenLinear:
     """A frozen 4-bit layer's matmuls through the workspace: forward, and input gradient.
 
-    Its own forward (`_Matmul4bit`) and edgetune.train.lora's fused LoRA layers both build on them.
+    Its own forward (`FrozenMatmul`) and edgetune.train.lora's fused LoRA layers both build on them.
     """
 
     def __init__(self, module: Any, workspace: Workspace) -> None:
@@ -123,8 +139,9 @@ class FrozenLinear:
         return self.workspace.grad_input(grad, self.module.weight)
 
 
-class _Matmul4bit(torch.autograd.Function):
-    """x @ dequantize(weight).T (+ bias) for a frozen 4-bit weight: the gradient is for x only."""
+class FrozenMatmul(torch.autograd.Function):
+    """x @ W.T (+ bias) for a frozen quantized W (`frozen`'s matmuls): the gradient is for x only, and
+    nothing is saved but `frozen` itself."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, frozen: FrozenLinear, bias: Any) -> torch.Tensor:
@@ -167,6 +184,6 @@ def _forward(module: Any, frozen: FrozenLinear) -> Any:
         if module.compute_dtype is not None:
             x = x.to(module.compute_dtype)
         bias = None if module.bias is None else module.bias.to(x.dtype)
-        return _Matmul4bit.apply(x, frozen, bias).to(dtype)
+        return FrozenMatmul.apply(x, frozen, bias).to(dtype)
 
     return forward

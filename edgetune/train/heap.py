@@ -105,25 +105,32 @@ def peak_rss() -> int:
 
 
 class MemoryGuard:
-    """Stops training once the peak RSS comes within one step's growth of the budget.
+    """Stops training once the peak RSS has passed the budget, or would pass it at the next step.
 
-    After each step it compares the peak so far plus the largest growth of the peak seen in one step
-    (at least `margin` of the budget) with the budget, so a run stops one step early rather than late.
+    The first steps build the working set (optimizer state, activations, the heap's share of them),
+    which is what the planner predicts, so the peak's growth over them is not projected forward: a
+    run planned for the budget stops only when its peak passes the budget. From the
+    `settle_steps + 1`-th step on, what the peak still grows by in one step is memory that keeps
+    growing, and the guard stops once the next step's growth would take it past the budget.
     """
 
-    def __init__(self, budget_bytes: int, margin: float = 0.03):
-        self.budget, self.margin = budget_bytes, margin
-        self.last_peak = peak_rss()
-        self.largest_growth = 0
+    def __init__(self, budget_bytes: int, settle_steps: int = 2):
+        self.budget, self.settle_steps = budget_bytes, settle_steps
+        self.checks, self.peak, self.largest_growth = 0, 0, 0
         self.message = ""
 
     def should_stop(self) -> bool:
         peak = peak_rss()
-        self.largest_growth = max(self.largest_growth, peak - self.last_peak)
-        self.last_peak = peak
-        headroom = max(self.largest_growth, int(self.margin * self.budget))
-        if peak + headroom <= self.budget:
-            return False
-        self.message = (f"peak memory {peak / 2**30:.2f} GiB is within {headroom / 2**30:.2f} GiB "
-                        f"of the --ram budget {self.budget / 2**30:.2f} GiB")
-        return True
+        self.checks += 1
+        self.message = ""
+        if self.checks > self.settle_steps:
+            self.largest_growth = max(self.largest_growth, peak - self.peak)
+        self.peak = peak
+        gib, budget = peak / 2**30, self.budget / 2**30
+        if peak > self.budget:
+            self.message = f"peak memory {gib:.2f} GiB passed the --ram budget {budget:.2f} GiB"
+        elif peak + self.largest_growth > self.budget:
+            self.message = (f"peak memory {gib:.2f} GiB still grows by up to "
+                            f"{self.largest_growth / 2**30:.2f} GiB a step and would pass the --ram "
+                            f"budget {budget:.2f} GiB at the next")
+        return bool(self.message)

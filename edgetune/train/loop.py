@@ -10,11 +10,13 @@ import torch
 
 from edgetune import folders, signals
 from edgetune.constants import IGNORE
+from edgetune.errors import EdgetuneError
 from edgetune.runfiles import TRAIN_LOG
 from edgetune.signals import deferred
 from edgetune.train import checkpoint, curves
 from edgetune.train.adapters import Hooks
 from edgetune.train.data import Batches, Example, collate, n_tokens, pack
+from edgetune.train.distributed import PeerLost, World
 from edgetune.train.heap import MemoryGuard, peak_rss, rss
 from edgetune.train.loss import causal_lm_loss
 
@@ -38,12 +40,14 @@ class Loop:
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, batches: Batches,
                  eval_examples: list[Example], run_dir: Path, config: Any, total_steps: int,
                  guard: MemoryGuard | None, objective: Callable = causal_lm_loss,
-                 hooks: Hooks | None = None):
+                 world: World | None = None, hooks: Hooks | None = None):
         self.objective = objective  # (model, batch) -> (sum of token losses, tokens)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.hooks = hooks or Hooks()  # what the method adds to a step (edgetune.train.adapters)
         self.batches, self.eval_examples, self.run_dir = batches, eval_examples, run_dir
         self.config, self.total_steps, self.guard = config, total_steps, guard
+        self.world = world or World()
+        self.memory_message = ""
         self.step = self.saved_step = 0
         self.device = next(p.device for p in model.parameters())
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -60,18 +64,25 @@ class Loop:
         return loss, tokens
 
     def backward(self) -> tuple[float, int]:
-        """Forward and backward passes of one step: the part a signal may cut short."""
-        micro = [to_device(self.batches.next(), self.device) for _ in range(self.config.grad_accum)]
+        """Forward and backward passes of one step: the part a signal may cut short.
+
+        The step reads ranks x grad_accum micro-batches, the global batch; each rank computes the
+        passes of its contiguous share, and the gradients (each divided by the step's label count)
+        are summed over the ranks, so the update is the one a single process would make.
+        """
+        accum, world = self.config.grad_accum, self.world
+        micro = [self.batches.next() for _ in range(accum * world.size)]
         n_labels = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
         total = 0.0
         self.model.train()
-        for batch in micro:
-            loss_sum, _ = self.objective(self.model, batch)
+        for batch in micro[world.rank * accum:(world.rank + 1) * accum]:
+            loss_sum, _ = self.objective(self.model, to_device(batch, self.device))
             (loss_sum / n_labels).backward()
             total += loss_sum.item()
         extra = self.hooks.extra_loss()  # once per step, as PEFT's forward adds it to the loss
-        if extra is not None:
+        if extra is not None and world.main:  # on one rank: the ranks' gradients are summed
             extra.backward()
+        total = world.sum_gradients(self.trainable, total)
         return total / n_labels, sum(n_tokens(b) for b in micro)
 
     def update(self) -> None:
@@ -95,24 +106,41 @@ class Loop:
 
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "data": self.batches.state(), "history": self.history, "method": self.hooks.state()}
+                "data": self.batches.state(), "history": self.history,
+                "micro_batches": self.world.size * self.config.grad_accum,
+                "method": self.hooks.state()}
 
     def restore(self, path: Path) -> None:
         state = checkpoint.load(path, self.model)
+        self._load(state)
+        checkpoint.set_rng_state(state["rng"])
+
+    def share(self) -> None:
+        """Give every rank rank 0's adapter, optimizer state, schedule, data position and step."""
+        if self.world.size == 1:
+            return
+        state = self.world.share({**self.state(), "step": self.step} if self.world.main else None)
+        self.world.share_tensors(self.trainable)
+        if not self.world.main:
+            self._load(state)
+
+    def _load(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state(state["data"])
         self.history = state.get("history", [])
         self.step = self.saved_step = state["step"]
         self.hooks.load_state(state.get("method", {}))
-        checkpoint.set_rng_state(state["rng"])
 
-    def save_checkpoint(self) -> Path:
-        state = self.state()
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0; the other ranks only take note)."""
+        self.saved_step = self.step
+        if not self.world.main:
+            return None
+        state = self.state()  # before the hooks change what the adapter saves
         with self.hooks.checkpointing():
             path = checkpoint.save(self.run_dir, self.step, self.model, state,
                                    self.config.keep_checkpoints)
-        self.saved_step = self.step
         curves.update(self.run_dir, title=self.config.output)
         return path
 
@@ -131,9 +159,11 @@ class Loop:
         backward passes are cut short by a signal (the step then did not happen); from the update to
         the checkpoint a step completes as one piece (see signals.deferred).
         """
-        self.bar = _progress(self.config.progress, self.total_steps, self.step)
-        tokens, seconds, last_loss, eval_loss = 0, 0.0, None, None
+        self.bar = _progress(self.config.progress and self.world.main, self.total_steps, self.step)
+        self.tokens, self.seconds = 0, 0.0
+        last_loss, eval_loss = None, None
         stop: KeyboardInterrupt | None = None
+        lost: PeerLost | None = None
         stopped = False
         try:
             while self.step < self.total_steps:
@@ -143,32 +173,59 @@ class Loop:
                         on_step(self.step)
                     started = time.perf_counter()
                     last_loss, n_tokens = self.backward()
-                except KeyboardInterrupt as exc:
+                except (KeyboardInterrupt, PeerLost):
                     self.batches.load_state(position)  # the step did not happen
                     self.optimizer.zero_grad(set_to_none=True)
-                    stop = exc
-                    break
+                    raise
                 with deferred():
-                    self.update()
-                    if after_step is not None:
-                        after_step()
-                    elapsed = time.perf_counter() - started
-                    tokens, seconds = tokens + n_tokens, seconds + elapsed
-                    eval_loss = self._record(last_loss, n_tokens, elapsed, eval_loss, tokens / seconds)
-                    stopped = self.guard is not None and self.guard.should_stop()
-                    if not stopped and _due(self.step, self.config.save_every, self.total_steps):
-                        self.save_checkpoint()
+                    eval_loss, stopped = self._complete(last_loss, n_tokens, started, eval_loss,
+                                                        after_step)
                 if stopped:
                     break
         except KeyboardInterrupt as exc:  # held during a step, raised once it was complete
             stop = exc
+        except PeerLost as exc:  # another rank died: keep what this one holds, then end
+            lost = exc
         finally:
             self.bar.close()
-        if (stop is not None or stopped) and self.step > self.saved_step:
+        if (stop is not None or stopped or lost is not None) and self.step > self.saved_step:
             self.save_checkpoint()
-        return Summary(self.step, last_loss, eval_loss, tokens / seconds if seconds else 0.0,
-                       peak_rss(), stop is not None, stopped, self.history,
+        if lost is not None:
+            raise EdgetuneError(f"another process of the run stopped ({lost}); the last checkpoint "
+                                f"is step {self.saved_step}: continue with edgetune train --resume "
+                                f"--output {self.config.output}")
+        return Summary(self.step, last_loss, eval_loss,
+                       self.tokens / self.seconds if self.seconds else 0.0, peak_rss(),
+                       stop is not None, stopped, self.history,
                        signals.exit_status(stop) if stop is not None else 0)
+
+    def _complete(self, loss: float, n_tokens: int, started: float, eval_loss: float | None,
+                  after_step: Callable[[], None] | None) -> tuple[float | None, bool]:
+        """Update, log, guard and checkpoint: the part of a step a signal does not cut short.
+        Returns the latest eval loss and whether the memory guard stopped the run."""
+        self.update()
+        if after_step is not None:
+            after_step()
+        elapsed = time.perf_counter() - started
+        self.tokens, self.seconds = self.tokens + n_tokens, self.seconds + elapsed
+        if self.world.main:
+            eval_loss = self._record(loss, n_tokens, elapsed, eval_loss, self.tokens / self.seconds)
+        stopped = self._near_budget()
+        if not stopped and _due(self.step, self.config.save_every, self.total_steps):
+            self.save_checkpoint()
+        return eval_loss, stopped
+
+    def _near_budget(self) -> bool:
+        """The memory guard of each process, agreed on by all: one near its budget stops them all."""
+        if self.guard is None:
+            return False
+        mine = self.guard.should_stop()
+        # After the last step there is nothing left to stop: the run ends with its adapter.
+        if self.step >= self.total_steps or not self.world.any(mine):
+            return False
+        self.memory_message = self.guard.message if mine else (
+            "another process of the run came within a step of its --ram budget")
+        return True
 
     def _record(self, loss: float, n_tokens: int, elapsed: float, eval_loss: float | None,
                 speed: float) -> float | None:

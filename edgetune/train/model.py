@@ -62,8 +62,8 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
     config = AutoConfig.from_pretrained(model_dir)
     file_dtype = getattr(config, "dtype", None) or dtype
     # A quantized base is read in the file's own dtype: converting a bf16 file to fp32 first leaves the
-    # converted copies in the heap (docs/qlora.md).
-    load_dtype = file_dtype if quant == "nf4" else dtype
+    # converted copies in the heap (docs/qlora.md), and the embeddings stay as narrow as the file.
+    load_dtype = dtype if quant == "none" else file_dtype
     with released_promptly():
         try:
             model = _from_pretrained(model_dir, config, load_dtype, device,
@@ -82,16 +82,24 @@ def load_base(model_dir: Path, dtype: Any, device: str, quant: str = "none",
             param.requires_grad_(False)
         if quant == "nf4":
             keep_4bit_layout_trainable(model)
-            if device == "cpu":
-                from edgetune.train.fourbit import use_workspace
-
-                use_workspace(model)
+        if quant != "none" and device == "cpu":
+            _use_workspace(model, quant)
         if quant != "none":
             narrow = file_dtype.itemsize < dtype.itemsize and device == "cpu"
             if narrow:
                 narrow_embeddings(model, dtype)
             to_compute_dtype(model, dtype, keep_embeddings=narrow)
     return model
+
+
+def _use_workspace(model: Any, quant: str) -> None:
+    """Quantized layers on the CPU widen their weights into one shared buffer (train/fourbit.py,
+    train/eightbit.py)."""
+    if quant == "nf4":
+        from edgetune.train.fourbit import use_workspace
+    else:
+        from edgetune.train.eightbit import use_workspace
+    use_workspace(model)
 
 
 def _from_pretrained(model_dir: Path, config: Any, dtype: Any, device: str, quantization: Any,
@@ -218,7 +226,8 @@ def keep_4bit_layout_trainable(model: Any) -> None:
 
 def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str | list[str],
              seed: int, grad_checkpointing: bool) -> Any:
-    """Wrap the base in a PEFT LoRA model with LoRA layers computed in place (edgetune.train.lora)."""
+    """Wrap the base in a PEFT LoRA model with LoRA layers computed in place (edgetune.train.lora) and
+    RMSNorm layers fused (edgetune.train.norm)."""
     from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
@@ -229,7 +238,8 @@ def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str |
 def add_adapter(model: Any, config: Any, seed: int, grad_checkpointing: bool, fuse: bool,
                 method_name: str = "lora") -> Any:
     """Wrap the base in a PEFT model for the PEFT `config` (adapter weights fp32 for stable updates);
-    with `fuse`, LoRA and DoRA layers are computed in place (edgetune.train.lora, .dora)."""
+    with `fuse`, LoRA and DoRA layers are computed in place (edgetune.train.lora, .dora) and RMSNorm
+    layers fused (edgetune.train.norm)."""
     import torch
     from peft import get_peft_model
 
@@ -245,9 +255,11 @@ def add_adapter(model: Any, config: Any, seed: int, grad_checkpointing: bool, fu
     if fuse:
         from edgetune.train.dora import fuse_dora
         from edgetune.train.lora import fuse_lora
+        from edgetune.train.norm import fuse_norms
 
         fuse_lora(peft_model)
         fuse_dora(peft_model)
+        fuse_norms(peft_model)
     if grad_checkpointing:
         checkpoint_layers(peft_model.get_base_model())
     return peft_model

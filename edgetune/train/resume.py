@@ -20,7 +20,7 @@ from edgetune.train.config import TrainConfig
 
 # Settings a resumed run may change; every other one is the run's own.
 RESUMABLE = {"resume", "progress", "threads", "ram", "save_every", "eval_every", "keep_checkpoints",
-             "cache_dir", "output"}
+             "cache_dir", "output", "nproc", "dist_timeout"}
 PATHS = ("data", "eval_data", "model", "cache_dir")  # recorded as absolute paths where they exist
 
 
