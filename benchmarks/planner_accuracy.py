@@ -1,6 +1,7 @@
 """The planner against measured peak RSS: real `edgetune train` runs, each in a fresh process.
 
     python benchmarks/planner_accuracy.py [--only SUBSTRING] [--repeats N] [--results FILE] [--report]
+                                          [--methods]
     python benchmarks/planner_accuracy.py --random N --seed S [--results FILE] [--report]
 
 Each configuration trains 3 steps on data whose every example fills --seq-len (so activations are at
@@ -55,10 +56,27 @@ CONFIGS = [
     ("gemma3-270m", "nf4", "adamw8bit", 16, 2, 256, True),
 ]
 
+# ---- Adapter methods other than LoRA (edgetune train --method): measured with --methods. --------
+# (model, quant, optim, rank, batch, seq_len, checkpointing, method)
+METHOD_CONFIGS = [
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "lora"),  # the same run with LoRA
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "dora"),
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "ia3"),
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "prompt"),
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "adalora"),
+    ("smollm2-135m", "none", "adamw", 16, 4, 256, False, "prefix"),
+]
+# ---- end of the method rows ------------------------------------------------------------------
+
+
+def method_of(config: tuple) -> str:
+    return config[7] if len(config) > 7 else "lora"
+
 
 def key(config: tuple) -> str:
-    model, quant, optim, rank, batch, seq, ckpt = config
-    return f"{model} {quant} {optim} r{rank} {batch}x{seq}{' ckpt' if ckpt else ''}"
+    model, quant, optim, rank, batch, seq, ckpt = config[:7]
+    method = f" {method_of(config)}" if len(config) > 7 else ""
+    return f"{model} {quant} {optim} r{rank} {batch}x{seq}{' ckpt' if ckpt else ''}{method}"
 
 
 def model_dir(name: str, work: Path) -> Path:
@@ -120,10 +138,10 @@ def measure_draw(d: Draw, work: Path, repeats: int) -> dict:
 
 
 def predict(config: tuple, work: Path, dtype: str) -> tuple[int, float]:
-    model, quant, optim, rank, batch, seq, ckpt = config
+    model, quant, optim, rank, batch, seq, ckpt = config[:7]
     shape = shape_from_model_dir(model_dir(model, work))
     setting = Setting(quant=quant, rank=rank, batch_size=batch, seq_len=seq,
-                      grad_checkpointing=ckpt, optim=optim, dtype=dtype)
+                      grad_checkpointing=ckpt, optim=optim, dtype=dtype, method=method_of(config))
     peak = breakdown(shape, setting).peak if model in BUILTIN else predicted_peak(shape, setting)
     return peak, tokens_per_second(shape, setting, cached_gflops())
 
@@ -186,11 +204,11 @@ def report_random(results: dict, fitted: tuple[str, ...] = ()) -> None:
     print(f"--plan auto: {autos - differs} of {autos} runs chose the settings `edgetune plan` chose")
 
 
-def report(results: dict, work: Path, dtype: str) -> None:
-    print(f"\n{'configuration':<44}{'predicted':>11}{'measured':>11}{'error':>8}"
+def report(results: dict, work: Path, dtype: str, configs: list) -> None:
+    print(f"\n{'configuration':<52}{'predicted':>11}{'measured':>11}{'error':>8}"
           f"{'spread':>11}{'tok/s pred':>12}{'tok/s meas':>12}{'error':>8}")
     errors, speed_errors = [], []
-    for config in CONFIGS:
+    for config in configs:
         entry = results.get(key(config))
         if entry is None:
             continue
@@ -203,7 +221,7 @@ def report(results: dict, work: Path, dtype: str) -> None:
             speed_errors.append(speed_error)
         peaks = entry.get("peaks", [entry["peak_rss"]])
         spread = f"{min(peaks) / 2**30:.2f}-{max(peaks) / 2**30:.2f}" if len(peaks) > 1 else ""
-        print(f"{key(config):<44}{predicted / 2**30:>8.2f} GiB{entry['peak_rss'] / 2**30:>8.2f} GiB"
+        print(f"{key(config):<52}{predicted / 2**30:>8.2f} GiB{entry['peak_rss'] / 2**30:>8.2f} GiB"
               f"{error:>+8.1%}{spread:>11}{speed:>12.0f}{measured_speed or 0:>12.0f}"
               f"{speed_error:>+8.0%}")
     print("\n" + summary(errors))
@@ -215,6 +233,8 @@ def report(results: dict, work: Path, dtype: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run only configurations whose name contains this")
+    parser.add_argument("--methods", action="store_true",
+                        help="the adapter-method rows (METHOD_CONFIGS) instead of the LoRA ones")
     parser.add_argument("--repeats", type=int, default=1, help="fresh-process runs per configuration")
     parser.add_argument("--random", type=int, default=0, metavar="N",
                         help="N configurations drawn at random instead of the fixed table")
@@ -232,12 +252,13 @@ def main() -> None:
                         help="a --random row that the planner was fitted on: marked, and left out "
                              "of the check's figures (repeatable)")
     args = parser.parse_args()
+    configs = METHOD_CONFIGS if args.methods else CONFIGS
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     name = f"planner_accuracy-random-{args.seed}.json" if args.random else "planner_accuracy.json"
     results_file = Path(args.results or Path(tempfile.gettempdir()) / name)
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    todo = draw(args.random, args.seed) if args.random else CONFIGS
+    todo = draw(args.random, args.seed) if args.random else configs
     if args.random and args.cheapest_first:
         todo = sorted(todo, key=lambda d: seconds(shape_of(d.model, d.layers), d.setting(),
                                                   d.grad_accum))
@@ -253,7 +274,7 @@ def main() -> None:
     if args.random:
         report_random(results, tuple(args.fitted))
     else:
-        report(results, work, args.dtype)
+        report(results, work, args.dtype, configs)
 
 
 if __name__ == "__main__":

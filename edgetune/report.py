@@ -15,6 +15,7 @@ import yaml
 
 from edgetune.config import option
 from edgetune.errors import EdgetuneError
+from edgetune.methods import METHODS
 from edgetune.runfiles import CHECKPOINTS, REPORT, REPORT_MD, RUN_CONFIG
 
 
@@ -29,6 +30,15 @@ class ReportConfig:
             raise EdgetuneError("no run: pass a run folder, e.g. edgetune report edgetune-run")
 
 
+def _method_text(saved: dict) -> str:
+    """'lora rank 16', 'ia3' or 'prompt, 20 virtual tokens' for a run's settings."""
+    name = saved.get("method") or "lora"
+    chosen = METHODS.get(name)
+    if chosen is not None and chosen.virtual_tokens:
+        return f"{name}, {saved.get('virtual_tokens')} virtual tokens"
+    return name if chosen is not None and not chosen.ranked else f"{name} rank {saved.get('rank')}"
+
+
 def run_summary(run_dir: Path, records: list[dict]) -> list[str]:
     """A few lines on a run: its settings, progress, losses, speed and memory."""
     try:
@@ -39,7 +49,7 @@ def run_summary(run_dir: Path, records: list[dict]) -> list[str]:
         return merge_summary(run_dir, saved)
     base = saved.get("quant") if saved.get("quant") not in (None, "none") else saved.get("dtype")
     lines = [f"{run_dir}: {saved.get('model')} on {saved.get('data')}",
-             f"  {saved.get('method', 'lora')} rank {saved.get('rank')}, base {base}, batch "
+             f"  {_method_text(saved)}, base {base}, batch "
              f"{saved.get('batch_size')} x {saved.get('grad_accum')}, lr {saved.get('lr')}, "
              f"seq-len {saved.get('seq_len')}"]
     if not records:

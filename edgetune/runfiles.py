@@ -13,6 +13,7 @@ CURVES = "training.png"  # loss, learning rate, tokens/s and memory per step
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's adapter files
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXPORT_CONFIG = "edgetune_export.yaml"  # an export's settings; marks the folder as an export
+SOFT_PROMPT = "soft-prompt.safetensors"  # a soft prompt's virtual token embeddings, beside its GGUF
 REPORT = "report.json"  # an export's verification rows
 REPORT_MD = "report.md"  # the same as a table a person reads
 QUICKSTART_RESULT = "quickstart.json"  # the quick start's result; marks its output folder

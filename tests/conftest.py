@@ -190,6 +190,36 @@ def build_adapter(model_dir: Path, out: Path, rank: int = 4, alpha: float = 8.0,
     return out
 
 
+def build_method_adapter(model_dir: Path, out: Path, method: str, seed: int = 1) -> Path:
+    """A PEFT adapter of `method` (dora, ia3, adalora, prompt, ptuning, prefix) on `model_dir` with
+    random non-trivial values (PEFT's starts would leave the model unchanged). The AdaLoRA one is
+    pruned: its rank pattern drops some ranks of every module, and a few modules entirely."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edgetune.train.adapters import peft_config
+    from edgetune.train.config import TrainConfig
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = TrainConfig(data="unused.jsonl", method=method, rank=2, virtual_tokens=5,
+                         **({"init_rank": 4} if method == "adalora" else {}))
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, peft_config(config, total_steps=10))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name or "magnitude" in name:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+            elif "lora_" in name or "prompt_encoder" in name:
+                p.normal_(0, 0.1)
+    if method == "adalora":  # keep every other rank, none at all in the q_proj layers
+        peft_model.peft_config["default"].rank_pattern = {
+            n: [("q_proj" not in n) and i % 2 == 0 for i in range(p.shape[0])]
+            for n, p in peft_model.base_model.model.named_parameters() if "lora_E" in n}
+    peft_model.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_export(tmp_path_factory) -> Path:
     """The real SmolLM2-135M exported once through the CLI to f16 and q8_0, verified (about a minute)."""

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from conftest import build_adapter, write_jsonl
+from conftest import build_adapter, build_method_adapter, write_jsonl
 
 from edgetune import cli
 
@@ -167,3 +167,74 @@ def test_damaged_run_files(run_with_adapter, capsys):
 ])
 def test_bad_flags(capsys, argv, expected):
     fails(capsys, argv, expected)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train", "--data", "x.jsonl", "--method", "prompt", "--virtual-tokens", "0"],
+     "--virtual-tokens must be at least 1, got 0"),
+    (["train", "--data", "x.jsonl", "--method", "adalora", "--rank", "8", "--init-rank", "4"],
+     "--init-rank 4 is below --rank 8"),
+    (["train", "--data", "x.jsonl", "--init-rank", "12"], "--init-rank is AdaLoRA's; --method lora"),
+    (["train", "--data", "x.jsonl", "--method", "prefix", "--target-modules", "q_proj"],
+     "--target-modules does not apply to --method prefix"),
+    (["train", "--data", "x.jsonl", "--method", "lokr"], "argument --method: invalid choice: 'lokr'"),
+])
+def test_bad_method_flags(capsys, argv, expected):
+    if "lokr" in argv:  # argparse's own refusal: usage line plus the error, exit 2
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2 and expected in capsys.readouterr().err
+        return
+    fails(capsys, argv, expected)
+
+
+def test_method_that_does_not_fit_the_model(tiny_model, data, tmp_path, capsys):
+    fails(capsys, train_argv(tiny_model, data, tmp_path / "run", "--method", "ia3", "--target-modules",
+                             "c_attn,k_proj"), "--method ia3 --target-modules c_attn,k_proj: the model has no c_attn; "
+                             "its linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_method(tiny_model, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(train_argv(tiny_model, data, run, "--method", "ia3")) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in run.rglob("*"))
+    fails(capsys, ["train", "--resume", "--output", str(run), "--method", "dora"],
+          "--method cannot change in a running run (recorded 'ia3', given 'dora')")
+    assert sorted(p.name for p in run.rglob("*")) == before
+
+
+@pytest.mark.parametrize("method,flags,expected", [
+    ("dora", ["--gguf-adapter"], "--gguf-adapter: DoRA is not a llama.cpp LoRA adapter"),
+    ("ia3", ["--gguf", "f16", "--gguf-adapter"], "--gguf-adapter: IA3 is not a llama.cpp LoRA adapter"),
+    ("prompt", ["--gguf-adapter"], "--gguf-adapter: prompt tuning is not a llama.cpp LoRA adapter"),
+    ("ptuning", ["--gguf", "q8_0", "--onnx", "int8"], "--onnx: P-tuning learns inputs, not weights"),
+    ("prefix", ["--gguf", "q8_0"], "--gguf: prefix tuning's per-layer keys and values cannot"),
+])
+def test_export_formats_that_cannot_carry_the_method(tiny_model, tmp_path, capsys, method, flags,
+                                                    expected):
+    run = build_method_adapter(tiny_model, tmp_path / "run", method)
+    (run / "edgetune_run.yaml").write_text(f"model: {tiny_model}\nmethod: {method}\n")
+    capsys.readouterr()  # transformers' loading bar while the adapter was built
+    fails(capsys, ["export", str(run), *flags], expected)
+    assert not (run / "export").exists() and not list(run.parent.glob("*.tmp-*"))
+
+
+def test_soft_prompt_files_that_cannot_be_used(tiny_model, tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    from edgetune.export.gguf import write_gguf
+
+    write_gguf(tiny_model, tmp_path / "base.gguf", "f16")
+    fails(capsys, ["run", str(tmp_path / "base.gguf"), "--prompt", "Hi", "--soft-prompt",
+                   str(tmp_path / "none.safetensors")], "none.safetensors does not exist")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    fails(capsys, ["run", str(tmp_path / "base.gguf"), "--prompt", "Hi", "--soft-prompt",
+                   str(tmp_path / "junk.safetensors")], "is not a readable safetensors file")
+    import numpy as np
+
+    save_file({"embeddings": np.zeros((4, 96), dtype=np.float32)}, str(tmp_path / "wide.safetensors"))
+    fails(capsys, ["run", str(tmp_path / "base.gguf"), "--prompt", "Hi", "--ctx", "128", "--max-tokens",
+                   "8", "--soft-prompt", str(tmp_path / "wide.safetensors")],
+          "vectors have 96 values but this model's")

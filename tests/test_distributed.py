@@ -59,6 +59,18 @@ def test_two_processes_equal_one_with_gradient_accumulation(runs):
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
 
+def test_adalora_in_two_processes_equals_one(runs, tiny_model, tmp_path):
+    """A method's hooks in data-parallel runs: AdaLoRA's regulariser counted once across the ranks,
+    and its rank allocation made from the summed gradients, as one process makes them."""
+    data, _, _ = runs
+    one, two = tmp_path / "one", tmp_path / "two"
+    method = ("--method", "adalora", "--init-rank", "6")
+    assert cli.main(_args(tiny_model, data, one, *method, "--grad-accum", "2")) == 0
+    assert cli.main(_args(tiny_model, data, two, *method, "--nproc", "2")) == 0
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)
+    assert _largest_difference(one, two) <= 1e-5
+
+
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, tiny_model, tmp_path, capsys):
     import shutil
 

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML, build_adapter, requires_smollm2
+from conftest import CHATML, build_adapter, build_method_adapter, requires_smollm2
 
 from edgetune.errors import EdgetuneError
 from edgetune.export import gguf as gguf_export
@@ -225,6 +225,32 @@ def test_adapter_over_base_equals_merged(rslora, tiny_model, tmp_path):
     assert agreement(logits, ref) >= 0.99  # a near-tie may flip in f16
     assert np.abs(logits - ref).max() < 0.02
     assert np.abs(torch_logits(tiny_model) - ref).max() > 0.1  # the adapter does change the output
+
+
+def test_pruned_adalora_adapter_over_base_equals_merged(tiny_model, tmp_path):
+    """AdaLoRA as a LoRA adapter with per-module ranks: A carries the singular values, B the ratio of
+    each module's rank to the initial one; modules pruned to rank 0 are left out."""
+    from gguf import GGUFReader
+
+    run = build_method_adapter(tiny_model, tmp_path / "run", "adalora")
+    write_gguf(tiny_model, tmp_path / "base.gguf", "f16")
+    alpha = write_adapter_gguf(tiny_model, run, tmp_path / "adapter.gguf")
+    assert alpha == 32.0  # as given: the scale is alpha / initial rank, folded per module into B
+    shapes = {t.name: list(t.shape) for t in GGUFReader(tmp_path / "adapter.gguf").tensors}
+    assert len(shapes) == 2 * 6 * 2 and "blk.0.attn_q.weight.lora_a" not in shapes
+    assert shapes["blk.0.attn_k.weight.lora_a"] == [64, 2]  # 2 of 4 ranks kept
+    ref = torch_logits(merge(tiny_model, run, tmp_path / "merged"))
+    logits, _ = gguf_logits(tmp_path / "base.gguf", IDS, lora=tmp_path / "adapter.gguf")
+    assert agreement(logits, ref) >= 0.99
+    assert np.abs(logits - ref).max() < 0.02
+    assert np.abs(torch_logits(tiny_model) - ref).max() > 0.1
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_full_rank_updates_are_not_gguf_adapters(method, tiny_model, tmp_path):
+    run = build_method_adapter(tiny_model, tmp_path / "run", method)
+    with pytest.raises(EdgetuneError, match="not a pair of low-rank matrices"):
+        write_adapter_gguf(tiny_model, run, tmp_path / "adapter.gguf")
 
 
 def test_adapter_for_another_base_is_refused_at_load(tiny_model, tiny_factory, tmp_path):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_adapter
+from conftest import build_adapter, build_method_adapter
 from safetensors.torch import load_file, save_file
 
 from edgetune.errors import EdgetuneError
@@ -41,6 +41,45 @@ def test_merge_matches_peft_merge_and_unload(tiny_model, adapter, tmp_path):
     merged = load_file(merge(tiny_model, adapter, tmp_path / "merged") / "model.safetensors")
     for key, value in merged.items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,arch", [("dora", "llama"), ("dora", "qwen2"), ("ia3", "llama"),
+                                         ("ia3", "qwen2"), ("adalora", "llama")])
+def test_other_methods_merge_as_peft_does(method, arch, tiny_factory, tmp_path):
+    """DoRA, IA3 (with qwen2's k/v biases, which IA3 scales too) and a pruned AdaLoRA, tensor by
+    tensor, against PEFT's merge_and_unload."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = _with_random_biases(tiny_factory(arch), tmp_path / "base")  # zero biases would hide them
+    adapter = build_method_adapter(base, tmp_path / "run", method)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    expected = PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    merged = load_file(merge(base, adapter, tmp_path / "merged") / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    changed = {k for k in merged if not torch.equal(merged[k], original[k])}
+    per_layer = {"dora": 7, "ia3": 3 + (2 if arch == "qwen2" else 0), "adalora": 6}[method]
+    assert len(changed) == 2 * per_layer  # the adapted tensors of both blocks, nothing else
+    for key, value in merged.items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=2e-6)
+
+
+def _with_random_biases(model_dir, out):
+    import shutil
+
+    shutil.copytree(model_dir, out)
+    tensors = load_file(out / "model.safetensors")
+    torch.manual_seed(0)
+    save_file({k: torch.randn_like(v) * 0.1 if k.endswith(".bias") else v for k, v in tensors.items()},
+              out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_soft_prompts_do_not_merge(tiny_model, tmp_path):
+    adapter = build_method_adapter(tiny_model, tmp_path / "run", "prompt")
+    with pytest.raises(EdgetuneError, match="prompt tuning learns inputs, not weights"):
+        merge(tiny_model, adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_rslora_scale_is_alpha_over_sqrt_rank(tiny_model, tmp_path):

@@ -8,6 +8,7 @@ from conftest import ARCH_CONFIGS
 
 from edgetune.constants import DEQUANT_BUFFER_ELEMENTS, LOSS_BLOCK_ROWS, LOSS_LOGITS_ELEMENTS
 from edgetune.errors import EdgetuneError
+from edgetune.methods import METHODS
 from edgetune.plan import memory, search
 from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
 from edgetune.plan.memory import Setting, breakdown
@@ -122,17 +123,18 @@ def test_adapter_gradients_and_optimizer_state():
     n = SHAPE.lora_params(16)
     assert n == 16 * SHAPE.layers * (896 * 9 + 128 * 2 + 4864 * 3)  # q k v o gate up down
     terms = breakdown(SHAPE, Setting(rank=16)).terms
-    assert terms["lora"] == 4 * n
+    assert terms["adapter"] == 4 * n
     # The gradients fill what the backward pass frees of the activations: only the excess counts.
-    assert terms["lora grads"] == 0 < 4 * n < terms["activations"]
+    assert terms["adapter grads"] == 0 < 4 * n < terms["activations"]
     tight = Setting(rank=64, batch_size=1, seq_len=16, grad_checkpointing=True)
     freed = (memory.activation_bytes(SHAPE, tight) - memory.recomputed_bytes(SHAPE, tight)
              + memory.loss_bytes(SHAPE, tight))
-    assert breakdown(SHAPE, tight).terms["lora grads"] == memory.adapter_bytes(SHAPE, 64) - freed > 0
+    grads = breakdown(SHAPE, tight).terms["adapter grads"]
+    assert grads == memory.adapter_bytes(SHAPE, tight) - freed > 0
     # Accumulating, the first micro-batch's gradients stay through the next one's activations.
-    assert breakdown(SHAPE, Setting(rank=16, grad_accum=2)).terms["lora grads"] == 4 * n
+    assert breakdown(SHAPE, Setting(rank=16, grad_accum=2)).terms["adapter grads"] == 4 * n
     assert terms["optimizer"] == 8 * n
-    eight = memory.optimizer_bytes(SHAPE, 16, "adamw8bit")
+    eight = memory.optimizer_bytes(SHAPE, Setting(rank=16, optim="adamw8bit"))
     assert 2 * n < eight < 2.07 * n  # uint8 states plus one fp32 scale per 256 values
 
 
@@ -154,40 +156,51 @@ def test_activations_checkpointing_and_attention_terms():
     assert fp32 == memory.layer_activation_bytes(SHAPE, Setting(dtype="fp32"))
 
 
-def saved_activation_bytes(arch: str, layers: int, tokens: int, dtype) -> int:
-    """Bytes autograd keeps for the backward pass of the trainer's forward (LoRA rank 8 on every
-    linear layer, a packed row of two examples), parameters left out."""
+def saved_activation_bytes(arch: str, layers: int, tokens: int, dtype, method: str = "lora") -> int:
+    """Bytes autograd keeps for the backward pass of the trainer's forward (rank 8 on every linear
+    layer for the LoRA family, 5 virtual tokens for learned inputs; a packed row of two examples, or
+    two padded rows for prefix tuning), parameters left out."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from edgetune.train.adapters import hooks, peft_config
     from edgetune.train.attention import use_segment_attention
-    from edgetune.train.data import Example, pack
+    from edgetune.train.config import TrainConfig
+    from edgetune.train.data import Example, collate, pack
     from edgetune.train.loss import causal_lm_loss
-    from edgetune.train.model import add_lora
+    from edgetune.train.model import add_adapter
 
     config = getattr(transformers, ARCH_CONFIGS[arch][0])(num_hidden_layers=layers, **LAYER_DIMS)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).requires_grad_(False)
-    model = add_lora(model, 8, 16, 0.0, "all-linear", 0, False)  # adapters stay fp32, as trained
-    use_segment_attention(model)
+    settings = TrainConfig(data="unused.jsonl", method=method, rank=8, virtual_tokens=5,
+                           **({"init_rank": 8} if method == "adalora" else {}))
+    model = add_adapter(model, peft_config(settings, 10), 0, False, fuse=METHODS[method].fused,
+                        method_name=method)  # adapters stay fp32, as trained
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids = torch.randint(0, 256, (tokens,)).tolist()
-    # Two examples of different lengths: two SDPA calls, whose outputs are joined into a new tensor
-    # for o_proj (examples of one length share one call, and o_proj's input is then SDPA's output).
-    cut = tokens * 3 // 8
-    batch = pack([Example(ids[:cut], ids[:cut]), Example(ids[cut:], ids[cut:])])
-    saved: dict[int, int] = {}
+    packs = hooks(model, method).packs
+    if packs:  # two examples of different lengths: two SDPA calls, whose outputs are joined into a
+        # new tensor for o_proj (examples of one length share one call, and o_proj's input is then
+        # SDPA's output)
+        cut = tokens * 3 // 8
+        batch = pack([Example(ids[:cut], ids[:cut]), Example(ids[cut:], ids[cut:])])
+        use_segment_attention(model)
+    else:  # two padded rows of one length
+        half = tokens // 2
+        batch = collate([Example(ids[:half], ids[:half]), Example(ids[half:], ids[half:])], 0)
+    saved: dict[int, object] = {}  # storages kept alive, so a freed one's address is not reused
 
     def keep(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
+            saved[storage.data_ptr()] = storage
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         causal_lm_loss(model, batch)
-    return sum(saved.values())
+    return sum(storage.nbytes() for storage in saved.values())
 
 
 LAYER_DIMS = {"hidden_size": 128, "intermediate_size": 352, "num_attention_heads": 4,
@@ -211,6 +224,77 @@ def test_layer_activations_match_autograd_saved_tensors(arch, dtype):
         measured -= 4 * (shape.norms_per_layer * shape.hidden + 2 * shape.head_dim) / tokens
     predicted = sum(memory.layer_activation_bytes(shape, Setting(rank=8, dtype=dtype)).values())
     assert predicted == measured
+
+
+@pytest.mark.parametrize("method", ["dora", "adalora", "ia3", "prompt", "ptuning", "prefix"])
+def test_method_activations_match_autograd_saved_tensors(method):
+    """Per token and layer, what each method's layers keep (two token counts apart, three layers
+    minus two, so that per-layer and per-example tensors drop out) equals the planner's terms."""
+    import torch
+
+    def per_layer(tokens: int) -> int:
+        return (saved_activation_bytes("llama", 3, tokens, torch.float32, method)
+                - saved_activation_bytes("llama", 2, tokens, torch.float32, method))
+
+    shape = shape_from_config({"model_type": "llama", "num_hidden_layers": 3, **LAYER_DIMS})
+    setting = Setting(rank=8, dtype="fp32", method=method, virtual_tokens=5, init_rank=8, seq_len=64)
+    predicted = sum(memory.layer_activation_bytes(shape, setting).values())
+    if method == "prefix":  # padded rows of 64: a mask per layer over prefix and row (in the terms),
+        # and each row's prefix keys and values repeated to the 4 query heads
+        assert per_layer(128) == 128 * predicted + 2 * 2 * 5 * shape.q_dim * 4
+        return
+    measured = (per_layer(256) - per_layer(128)) / 128
+    assert predicted == measured
+    if METHODS[method].soft_prompt:  # the virtual positions before each of the two examples count
+        assert per_layer(128) == (128 + 2 * 5) * measured
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("method", ["lora", "dora", "adalora", "ia3", "prompt", "ptuning", "prefix"])
+def test_trainable_tensors_match_peft(arch, method, tiny_factory):
+    import torch
+
+    from edgetune.train.adapters import peft_config
+    from edgetune.train.config import TrainConfig
+    from edgetune.train.model import add_adapter, load_base, parameter_counts
+
+    folder = tiny_factory(arch)
+    config = TrainConfig(data="unused.jsonl", method=method, rank=2, virtual_tokens=5,
+                         **({"init_rank": 4} if method == "adalora" else {}))
+    model = add_adapter(load_base(folder, torch.float32, "cpu"), peft_config(config, 10), 0, False,
+                        fuse=False, method_name=method)
+    setting = Setting(rank=2, method=method, virtual_tokens=5, init_rank=4)
+    assert parameter_counts(model)[0] == sum(memory.trainable_tensors(shape_from_model_dir(folder),
+                                                                      setting))
+
+
+def test_method_terms_in_the_breakdown():
+    lora = breakdown(SHAPE, Setting(rank=16, dtype="fp32"))
+    ada = breakdown(SHAPE, Setting(rank=16, dtype="fp32", method="adalora"))
+    assert ada.terms["adalora scores"] == 3 * ada.terms["adapter"] > 3 * lora.terms["adapter"]
+    dora = breakdown(SHAPE, Setting(rank=16, dtype="fp32", method="dora"))
+    assert dora.terms["adapter"] - lora.terms["adapter"] == 4 * SHAPE.layers * sum(
+        b for _, b in SHAPE.linears())
+    assert breakdown(SHAPE, Setting(rank=16, dtype="bf16", method="dora")).terms["dora work"] > 0
+    assert "dora work" not in dora.terms  # the fused layers build no weight-sized temporaries
+    ia3 = breakdown(SHAPE, Setting(dtype="fp32", method="ia3"))
+    assert ia3.terms["adapter"] == 4 * SHAPE.layers * (2 * SHAPE.kv_dim + SHAPE.intermediate)
+    prompt = breakdown(SHAPE, Setting(dtype="fp32", method="prompt", virtual_tokens=20, seq_len=512))
+    assert prompt.terms["adapter"] == 4 * 20 * SHAPE.hidden
+    longer = breakdown(SHAPE, Setting(dtype="fp32", seq_len=532)).terms
+    # 20 virtual tokens cost what 20 more tokens do, without an adapted layer's inputs
+    assert prompt.terms["loss"] == longer["loss"] and prompt.terms["backward"] == longer["backward"]
+    assert prompt.terms["activations"] < longer["activations"]
+
+
+def test_plans_for_other_methods():
+    ia3 = search.choose(SHAPE, 8 * 2**30, seq_len=256, target_batch=8, dtype="fp32", method="ia3")
+    assert "IA3" in ia3.describe() and "--method ia3" in " ".join(ia3.train_flags())
+    assert "--rank" not in ia3.train_flags()
+    prompt = search.choose(SHAPE, 8 * 2**30, seq_len=256, target_batch=8, dtype="fp32",
+                           method="prompt", virtual_tokens=30)
+    assert "prompt tuning, 30 virtual tokens" in prompt.describe()
+    assert prompt.train_flags()[prompt.train_flags().index("--virtual-tokens") + 1] == "30"
 
 
 def test_loss_term_is_one_chunk_not_the_whole_batch():

@@ -25,7 +25,7 @@ def test_plan_prints_every_term(capsys):
     code, out, _ = run(capsys, "--ram", "4gb", "--model", "qwen2.5-0.5b", "--seq-len", "256",
                        "--dtype", "bf16")
     assert code == 0
-    for term in ("runtime", "base weights", "embeddings+norms", "lora grads", "optimizer",
+    for term in ("runtime", "base weights", "embeddings+norms", "adapter grads", "optimizer",
                  "activations", "loss", "dequant", "margin", "VmHWM", "next best", "train with"):
         assert term in out
 

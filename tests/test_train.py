@@ -5,6 +5,7 @@ import torch
 from conftest import reference_loss
 
 from edgetune.errors import EdgetuneError
+from edgetune.methods import NAMES
 from edgetune.train import checkpoint
 from edgetune.train.command import train
 from edgetune.train.config import TrainConfig
@@ -69,19 +70,24 @@ def test_run_folder_is_a_peft_adapter(tiny_model, alpaca_file, tmp_path):
     assert model.peft_config["default"].r == 8 and model.peft_config["default"].lora_alpha == 32.0
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_model, alpaca_file, tmp_path):
-    whole = train(config(tiny_model, alpaca_file, tmp_path / "whole", steps=8, save_every=3))
+@pytest.mark.parametrize("method,steps,cut", [(m, 8, 5) for m in NAMES] + [("adalora", 10, 9)])
+def test_interrupted_and_resumed_run_matches_uninterrupted(method, steps, cut, tiny_model, alpaca_file,
+                                                           tmp_path):
+    """Every method resumes exactly. AdaLoRA is cut inside its pruning phase (its allocator's scores
+    must come back) and after its final allocation (its rank pattern must come back)."""
+    settings = dict(steps=steps, save_every=3, method=method)
+    whole = train(config(tiny_model, alpaca_file, tmp_path / "whole", **settings))
 
     def interrupt(step: int) -> None:
-        if step == 5:
+        if step == cut:
             raise KeyboardInterrupt
 
-    cut = train(config(tiny_model, alpaca_file, tmp_path / "cut", steps=8, save_every=3), interrupt)
-    assert cut.interrupted and cut.steps == 5
-    assert checkpoint.completed(tmp_path / "cut")[-1].name == "step-000005"
+    cut_run = train(config(tiny_model, alpaca_file, tmp_path / "cut", **settings), interrupt)
+    assert cut_run.interrupted and cut_run.steps == cut
+    assert checkpoint.completed(tmp_path / "cut")[-1].name == f"step-{cut:06d}"
     assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
     resumed = train(TrainConfig(output=str(tmp_path / "cut"), resume=True, progress=False))
-    assert resumed.steps == 8
+    assert resumed.steps == steps
     assert resumed.train_loss == pytest.approx(whole.train_loss, abs=1e-5)
     assert resumed.eval_loss == pytest.approx(whole.eval_loss, abs=1e-5)
     from safetensors.torch import load_file

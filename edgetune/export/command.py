@@ -17,6 +17,7 @@ from edgetune.config import as_dict
 from edgetune.errors import EdgetuneError
 from edgetune.export.config import ExportConfig
 from edgetune.folders import EXPORT_MARKERS
+from edgetune.methods import Method, method_of
 from edgetune.runfiles import ADAPTER_CONFIG, CHAT_TEMPLATE, EXPORT_CONFIG, RUN_CONFIG
 from edgetune.signals import deferred, stop_on_signals
 
@@ -33,6 +34,7 @@ class Source:
     default_output: Path
     chat_template: str | None = None  # the template the run trained with, if not the model's own
     model_ref: str | None = None  # the base as the run names it (e.g. smollm2-135m)
+    method: Method | None = None  # the adapter's (None for a plain model)
 
 
 def read_source(config: ExportConfig) -> Source:
@@ -67,13 +69,14 @@ def run_source(run: Path, cache_dir: str | None = None) -> Source | None:
         template = run / CHAT_TEMPLATE
         return Source(base, run, saved, run / "export",
                       template.read_text(encoding="utf-8") if template.is_file() else None,
-                      str(saved["model"]))
+                      str(saved["model"]), method_of(read_adapter_config(run)))
     if (run / ADAPTER_CONFIG).is_file():
-        base_ref = read_adapter_config(run).get("base_model_name_or_path")
+        adapter_config = read_adapter_config(run)
+        base_ref = adapter_config.get("base_model_name_or_path")
         if not base_ref:
             raise EdgetuneError(f"{run}/{ADAPTER_CONFIG} does not name its base model")
         return Source(models.resolve(base_ref, cache_dir), run, None, run / "export",
-                      model_ref=base_ref)
+                      model_ref=base_ref, method=method_of(adapter_config))
     return None
 
 
@@ -105,8 +108,9 @@ class Formats:
         return {"executorch": self.executorch, "litert": self.litert}
 
 
-def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
-    """The formats asked for, else what the --target device profile chooses."""
+def plan_formats(config: ExportConfig, model_dir: Path, method: Method | None = None) -> Formats:
+    """The formats asked for, else what the --target device profile chooses (GGUF only for a method
+    that learns inputs: the ONNX and phone models cannot take them)."""
     formats = Formats(config.gguf_types, config.onnx_types, config.onnx_generic,
                       config.executorch_types, config.litert_types)
     if config.onnx_generic and not formats.onnx:
@@ -125,6 +129,10 @@ def plan_formats(config: ExportConfig, model_dir: Path) -> Formats:
 
         for item in choose_export(config.target, model_dir, config.ctx, unavailable()):
             kind, _, value = item.partition(":")
+            if kind != "gguf" and method is not None and not method.folds:
+                print(f"edgetune: --target {config.target}: leaving out {kind} {value}, which cannot "
+                      f"carry {method.title}")
+                continue
             lists = {"gguf": formats.gguf, "onnx": formats.onnx, "onnx-generic": formats.onnx,
                      **formats.phone}
             lists[kind].append(value)
@@ -142,6 +150,29 @@ def _check_imatrix_available(config: ExportConfig, source: Source, formats: Form
         raise EdgetuneError(f"--gguf {needs[0]}: llama.cpp makes it only with an importance matrix, "
                             f"and there is none ({why}): export a training run (its training data "
                             "calibrates one) or pass --imatrix FILE")
+
+
+def check_carried(method: Method | None, config: ExportConfig, formats: Formats) -> None:
+    """Refuse, in one line and before anything is written, a format that cannot carry the method:
+    an export never holds the base model in place of the trained one."""
+    if method is None:
+        return
+    if config.gguf_adapter and method.no_gguf_adapter:
+        raise EdgetuneError(f"--gguf-adapter: {method.title} is not a llama.cpp LoRA adapter: "
+                            f"{method.no_gguf_adapter}")
+    if method.folds:
+        return
+    instead = "; export --gguf instead, which carries the soft prompt beside the model"
+    token_only = ((["--onnx"] if formats.onnx else [])
+                  + [f"--{fmt}" for fmt, kinds in formats.phone.items() if kinds])
+    if token_only:  # ONNX and the phone runtimes take token ids, not input embeddings
+        kind = "ONNX" if token_only[0] == "--onnx" else "phone"
+        raise EdgetuneError(f"{token_only[0]}: {method.title} learns inputs, not weights, and the "
+                            f"{kind} models take token ids only" + (instead if method.soft_prompt else ""))
+    if formats.gguf and not method.soft_prompt:
+        raise EdgetuneError(f"--gguf: {method.title}'s per-layer keys and values cannot be carried by a "
+                            "GGUF file or fed to llama.cpp; train with --method prompt, ptuning or a "
+                            "LoRA-family method to export")
 
 
 def _check_phone(config: ExportConfig, formats: Formats, model_dir: Path) -> None:
@@ -195,8 +226,9 @@ def main(config: ExportConfig) -> int:
         if config.gguf_adapter and source.adapter_dir is None:
             raise EdgetuneError(f"--gguf-adapter: {config.run} is a model, "
                                 "not a training run with an adapter")
-        formats = plan_formats(config, source.model_dir)
+        formats = plan_formats(config, source.model_dir, source.method)
         _check_imatrix_available(config, source, formats)
+        check_carried(source.method, config, formats)
         _check_phone(config, formats, source.model_dir)
         with folders.disk_errors(out.parent):
             out.parent.mkdir(parents=True, exist_ok=True)

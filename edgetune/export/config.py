@@ -110,6 +110,9 @@ class RunConfig:
                                    "--gguf-adapter), optionally with a scale (default 1); repeat "
                                    "it to stack several: --lora a.gguf:0.7 --lora b.gguf:0.3",
                                    metavar="ADAPTER.gguf[:SCALE]")
+    soft_prompt: str | None = option(None, "soft prompt to put before the prompt: the "
+                                     "soft-prompt.safetensors that exporting a prompt or P-tuning "
+                                     "run writes beside its base-*.gguf", metavar="FILE")
     max_tokens: int = option(256, "most tokens to generate")
     temperature: float = option(0.0, "sampling temperature; 0 always picks the likeliest token")
     ctx: int = option(2048, "context length in tokens")

@@ -292,7 +292,12 @@ def adapter_alpha(pairs) -> float:
 
     llama.cpp divides by each tensor's own rank, so a per-module rank is fine, but rsLoRA (alpha /
     sqrt(r)) and per-module alphas must fold into a single alpha: this is the only place they convert.
+    AdaLoRA divides by its initial rank whatever rank pruning left, so its alpha is written as given
+    and each module's lora_b carries its own rank / initial rank (see `write_adapter_gguf`).
     """
+    pairs = list(pairs)
+    if all(p.initial_rank is not None for p in pairs):
+        return pairs[0].alpha
     alphas = {round(p.scale * p.rank, 6) for p in pairs}
     if len(alphas) != 1:
         raise EdgetuneError(f"adapter modules use different LoRA scales ({sorted(alphas)}); a GGUF "
@@ -312,7 +317,7 @@ def write_adapter_gguf(base_dir: Path, adapter_dir: Path, out_path: Path) -> flo
 
     config = read_config(base_dir)
     namer = Namer(config)
-    pairs = load_adapter(adapter_dir)
+    pairs = {k: p for k, p in load_adapter(adapter_dir).items() if p.rank > 0}  # AdaLoRA prunes to 0
     if not pairs:
         raise EdgetuneError(f"{adapter_dir}: the adapter has no LoRA tensors")
     alpha = adapter_alpha(pairs.values())
@@ -324,6 +329,8 @@ def write_adapter_gguf(base_dir: Path, adapter_dir: Path, out_path: Path) -> flo
         gguf_name, heads = namer.name(hf_name)
         a = pair.a.float().numpy().astype(np.float32)
         b = pair.b.float().numpy().astype(np.float32)
+        if pair.initial_rank is not None:  # llama.cpp scales by alpha / rank: make it alpha / r0
+            b = b * np.float32(pair.scale * pair.rank / alpha)
         if heads:
             b = rope_permute(b, heads)  # B's rows are the q/k output rows: same layout as the weight
         for suffix, data in (("lora_a", a), ("lora_b", b)):

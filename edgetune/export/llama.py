@@ -115,6 +115,38 @@ def attach_adapters(llm, adapters: list[tuple[Path, float]]) -> None:
                             "to set them on the context")
 
 
+def prepend_embeddings(llm, embeddings) -> None:
+    """Decode `embeddings` [n, hidden] (a soft prompt) at positions 0..n-1 of a fresh context, so that
+    the next `llm.eval(tokens)` continues after them, as PEFT puts virtual tokens before the text."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    n, width = embeddings.shape
+    if width != llm.n_embd():
+        raise EdgetuneError(f"the soft prompt's vectors have {width} values but this model's embeddings "
+                            f"have {llm.n_embd()}: it was trained on another model")
+    data = np.ascontiguousarray(embeddings, dtype=np.float32)
+    llm.reset()
+    llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # whatever an earlier prompt left in the cache
+    for first in range(0, n, llm.n_batch):
+        rows = min(llm.n_batch, n - first)
+        batch = llama_cpp.llama_batch_init(rows, width, 1)
+        try:
+            batch.n_tokens = rows
+            ctypes.memmove(batch.embd, data[first:].ctypes.data, rows * width * 4)
+            for i in range(rows):
+                batch.pos[i], batch.n_seq_id[i], batch.logits[i] = first + i, 1, 0
+                batch.seq_id[i][0] = 0
+            if llama_cpp.llama_decode(llm.ctx, batch) != 0:
+                raise EdgetuneError(f"llama.cpp could not take the soft prompt's {n} vectors "
+                                    f"(context {llm.n_ctx()}); try a larger --ctx")
+        finally:
+            llama_cpp.llama_batch_free(batch)
+    llm.n_tokens = n  # eval() writes the text's tokens after these positions
+
+
 def _decode_speed(llm, prompt: list[int]) -> float:
     """Greedy decode tokens per second after a short prompt (what a chat user waits on)."""
     import numpy as np
@@ -127,16 +159,20 @@ def _decode_speed(llm, prompt: list[int]) -> float:
     return DECODE_TOKENS / (time.perf_counter() - start)
 
 
-def gguf_logits(path: Path, ids: list[int], lora: Path | None = None,
+def gguf_logits(path: Path, ids: list[int], lora: Path | None = None, soft_prompt=None,
                 adapters: Sequence[tuple[Path, float]] = ()) -> tuple["object", float]:
     """(next-token logits [len(ids) - 1, vocab], decode tokens/s) of a GGUF file in llama.cpp, with
-    one adapter (`lora`) or several with scales (`adapters`)."""
+    one adapter (`lora`) or several with scales (`adapters`), after the `soft_prompt` embeddings
+    [n, hidden] when given."""
     import numpy as np
 
-    llm = load_llama(path, n_ctx=len(ids) + DECODE_TOKENS + 16, lora=lora, adapters=adapters)
+    n = 0 if soft_prompt is None else len(soft_prompt)
+    llm = load_llama(path, n_ctx=n + len(ids) + DECODE_TOKENS + 16, lora=lora, adapters=adapters)
     try:
+        if soft_prompt is not None:
+            prepend_embeddings(llm, soft_prompt)
         llm.eval(ids)
-        logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float32)
+        logits = np.array(llm.scores[n:n + len(ids) - 1], dtype=np.float32)
         speed = _decode_speed(llm, ids)
     finally:
         llm.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgetune import folders
 from edgetune.export.report import Verification, write
+from edgetune.runfiles import SOFT_PROMPT
 
 # Bytes per weight on disk, an upper bound per file kind (the k-quant mixes keep some tensors at
 # 6 or 8 bits; an ONNX build writes an fp32 model first and quantizes it beside). Every GGUF type
@@ -34,22 +35,29 @@ def export_files(config, source, tmp: Path, formats, rejected: Path | None = Non
     from edgetune.export.verify import require_passed, torch_reference
 
     work = tmp / ".work"  # intermediate files; removed before the folder is published
-    model_dir = source.model_dir
+    model_dir, embeddings = source.model_dir, None
     folders.require_space(tmp.parent, needed_bytes(config, source, formats), "this export")
-    if source.adapter_dir is not None:
-        _say(f"merging {source.adapter_dir} into {source.model_dir.name}")
+    if source.adapter_dir is not None and source.method.folds:
+        _say(f"merging {source.adapter_dir} ({source.method.title}) into {source.model_dir.name}")
         model_dir = merge(source.model_dir, source.adapter_dir, work / "merged")
+    elif source.adapter_dir is not None:  # a soft prompt: the base model, and its vectors beside it
+        from edgetune.export import soft_prompt
+
+        _say(f"writing {SOFT_PROMPT} ({source.method.title}) for the unchanged base model")
+        embeddings = soft_prompt.from_adapter(source.adapter_dir)
+        soft_prompt.write(tmp / SOFT_PROMPT, embeddings, source.method.name, str(source.model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if source.chat_template is not None:  # the run's template goes into every file
         tokenizer.chat_template = source.chat_template
-        if source.adapter_dir is not None:
+        if source.adapter_dir is not None and source.method.folds:
             tokenizer.save_pretrained(model_dir)  # the merged folder: ONNX builders copy it
     train, held = run_examples(source.run_config, tokenizer) if source.run_config else ([], [])
     ids = held_out_ids(tokenizer, held, config.positions)
-    reference = torch_reference(model_dir, ids) if config.verify else None
+    reference = torch_reference(model_dir, ids, embeddings) if config.verify else None
     chat = (tokenizer.chat_template, chat_stops(tokenizer))
     calibration = Calibration(config.imatrix, train, (source.run_config or {}).get("data"))
-    rows = gguf_models(model_dir, tmp, work, formats.gguf, reference, chat, calibration)
+    rows = gguf_models(model_dir, tmp, work, formats.gguf, reference, chat, calibration,
+                       soft=SOFT_PROMPT if embeddings is not None else None)
     if config.gguf_adapter:
         rows.append(gguf_adapter(source, tmp, reference, chat))
     for precision in formats.onnx:
@@ -129,39 +137,48 @@ class Calibration:
 
 
 def gguf_models(model_dir: Path, tmp: Path, work: Path, types: list[str], reference, chat: tuple,
-                calibration: Calibration) -> list[Verification]:
-    """model-<type>.gguf for each type (sub-8-bit ones quantized from an f16 file) and Modelfiles."""
+                calibration: Calibration, soft: str | None = None) -> list[Verification]:
+    """model-<type>.gguf for each type (sub-8-bit ones quantized from an f16 file) and Modelfiles.
+
+    With a `soft` prompt file the files are base-<type>.gguf, verified after the soft prompt's
+    vectors, and get no Modelfile: Ollama cannot put input embeddings before a prompt, and would run
+    the base model without the method.
+    """
     from edgetune.export.gguf import DIRECT_TYPES, write_gguf
     from edgetune.export.modelfile import write_modelfile
     from edgetune.export.quantize import quantize
     from edgetune.export.verify import verify_gguf
 
+    stem = "base" if soft else "model"
     low = [t for t in types if t not in DIRECT_TYPES]
     direct = [t for t in types if t in DIRECT_TYPES] + (["f16"] if low and "f16" not in types else [])
     notes: dict[str, list[str]] = {}
     for kind in direct:
         folder = tmp if kind in types else work
         folder.mkdir(parents=True, exist_ok=True)
-        _say(f"writing model-{kind}.gguf")
-        notes[kind] = write_gguf(model_dir, folder / f"model-{kind}.gguf", kind, chat[0])
-    f16 = tmp / "model-f16.gguf" if "f16" in types else work / "model-f16.gguf"
+        _say(f"writing {stem}-{kind}.gguf")
+        notes[kind] = write_gguf(model_dir, folder / f"{stem}-{kind}.gguf", kind, chat[0])
+    f16 = (tmp if "f16" in types else work) / f"{stem}-f16.gguf"
     rows = []
     if low:
         matrix, source = calibration.matrix(model_dir, f16, tmp / "imatrix.gguf")
         if "f16" not in types and reference is not None:
             # A wrong layout or hyper-parameter shows in the f16 file llama.cpp quantizes from, where
             # the gate is tight; the sub-8-bit files themselves are only reported.
-            _say("verifying the intermediate model-f16.gguf in llama.cpp")
-            rows.append(verify_gguf(work, "model-f16.gguf", "f16", reference,
-                                    "intermediate file llama.cpp quantized from; not kept"))
+            _say(f"verifying the intermediate {f16.name} in llama.cpp")
+            rows.append(verify_gguf(work, f16.name, "f16", reference,
+                                    "intermediate file llama.cpp quantized from; not kept",
+                                    soft_prompt=soft and str(tmp / soft)))
         for kind in low:
-            _say(f"quantizing model-{kind}.gguf with llama.cpp")
-            notes[kind] = [source] + quantize(f16, tmp / f"model-{kind}.gguf", kind, imatrix=matrix)
+            _say(f"quantizing {stem}-{kind}.gguf with llama.cpp")
+            notes[kind] = [source] + quantize(f16, tmp / f"{stem}-{kind}.gguf", kind, imatrix=matrix)
     for kind in types:
-        write_modelfile(tmp / f"model-{kind}.gguf", *chat)
+        if not soft:
+            write_modelfile(tmp / f"{stem}-{kind}.gguf", *chat)
         if reference is not None:
-            _say(f"verifying model-{kind}.gguf in llama.cpp")
-            rows.append(verify_gguf(tmp, f"model-{kind}.gguf", kind, reference, "; ".join(notes[kind])))
+            _say(f"verifying {stem}-{kind}.gguf in llama.cpp" + (f" after {soft}" if soft else ""))
+            rows.append(verify_gguf(tmp, f"{stem}-{kind}.gguf", kind, reference, "; ".join(notes[kind]),
+                                    soft_prompt=soft))
     return rows
 
 

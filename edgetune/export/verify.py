@@ -33,15 +33,21 @@ class Reference:
         return len(self.ids) - 1
 
 
-def torch_reference(model_dir: Path, ids: list[int]) -> Reference:
-    """Run the HF model in fp32 over `ids` once; the baseline every exported file is held to."""
+def torch_reference(model_dir: Path, ids: list[int], soft_prompt=None) -> Reference:
+    """Run the HF model in fp32 over `ids` once (after the `soft_prompt` embeddings, when given); the
+    baseline every exported file is held to."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
+        if soft_prompt is None:
+            logits = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
+        else:
+            from edgetune.export.soft_prompt import logits_with
+
+            logits = logits_with(model, torch.tensor([ids]), soft_prompt)[0, :-1].float().numpy()
     del model
     return reference(ids, logits)
 
@@ -86,12 +92,20 @@ def compare(file: str, fmt: str, kind: str, logits, ref: Reference, size_bytes: 
 
 
 def verify_gguf(out_dir: Path, file: str, out_type: str, reference: Reference, note: str = "",
-                lora: str | None = None) -> Verification:
-    """Load `out_dir/file` (with `out_dir/lora` over it) in llama.cpp and compare with torch."""
+                lora: str | None = None, soft_prompt: str | None = None) -> Verification:
+    """Load `out_dir/file` (with `out_dir/lora` over it, or after the `out_dir/soft_prompt` vectors)
+    in llama.cpp and compare with torch."""
     path = Path(out_dir) / file
-    logits, speed = gguf_logits(path, reference.ids, Path(out_dir) / lora if lora else None)
+    embeddings = None
+    if soft_prompt is not None:
+        from edgetune.export.soft_prompt import load
+
+        embeddings = load(Path(out_dir) / soft_prompt)
+    logits, speed = gguf_logits(path, reference.ids, Path(out_dir) / lora if lora else None, embeddings)
     shown = lora or file
     fmt = f"gguf adapter over {out_type}" if lora else f"gguf {out_type}"
+    if soft_prompt is not None:
+        fmt += " after the soft prompt"
     size = (Path(out_dir) / shown).stat().st_size
     return compare(shown, fmt, out_type, logits, reference, size, speed, note)
 

@@ -13,7 +13,7 @@ from edgetune.plan import search, timing
 from edgetune.plan.catalogue import CATALOGUE, all_shapes, catalogue_shape
 from edgetune.plan.config import PlanConfig
 from edgetune.plan.lengths import Lengths, choose_seq_len, measure
-from edgetune.plan.memory import SAFETY_MARGIN
+from edgetune.plan.memory import SAFETY_MARGIN, adapter_bytes
 from edgetune.shape import ModelShape, shape_from_gguf, shape_from_model_dir
 from edgetune.tables import columns
 from edgetune.units import format_size
@@ -52,7 +52,7 @@ def main(config: PlanConfig) -> int:
             print(f"{config.nproc} processes: memory above is per process ({config.budget_flag} "
                   f"shared, {format_size(per_process(config))} each), --batch {config.batch} is "
                   f"their global batch; speed counts {reduce_s * 1000:.0f} ms per step to all-reduce "
-                  f"{format_size(4 * shape.lora_params(plan.rank))} of LoRA gradients (gloo on one "
+                  f"{format_size(adapter_bytes(shape, plan.setting))} of adapter gradients (gloo on one "
                   f"machine, docs/distributed.md; across machines the network sets it)")
     return 0
 
@@ -67,7 +67,7 @@ def _speed(config: PlanConfig, shape: ModelShape, plan: search.Plan,
     """Tokens/s of the whole run and seconds of all-reduce per step."""
     single = timing.tokens_per_second(shape, plan.setting, gflops)
     step_tokens = plan.batch_size * plan.grad_accum * config.nproc * plan.seq_len
-    return timing.data_parallel(single, config.nproc, step_tokens, 4 * shape.lora_params(plan.rank))
+    return timing.data_parallel(single, config.nproc, step_tokens, adapter_bytes(shape, plan.setting))
 
 
 def load_shape(model: str) -> tuple[ModelShape, Path | None]:
@@ -105,7 +105,8 @@ def compute_dtype(config: PlanConfig) -> str:
 def _search_kwargs(config: PlanConfig, seq_len: int) -> dict:
     kwargs = {"seq_len": seq_len, "device": config.device,
               "target_batch": max(1, math.ceil(config.batch / config.nproc)),
-              "dtype": compute_dtype(config)}
+              "dtype": compute_dtype(config), "method": config.method,
+              "virtual_tokens": config.virtual_tokens}
     if config.rank is not None:
         kwargs["ranks"] = (config.rank,)
     return kwargs
@@ -185,7 +186,7 @@ def _train_ref(model: str) -> str:
 def as_json(config: PlanConfig, shape: ModelShape, plan: search.Plan, alternatives: list,
             speed: float, lengths: Lengths | None, target) -> dict:
     def one(p: search.Plan) -> dict:
-        return {"quant": p.quant, "rank": p.rank, "batch_size": p.batch_size,
+        return {"method": p.method, "quant": p.quant, "rank": p.rank, "batch_size": p.batch_size,
                 "grad_accum": p.grad_accum, "grad_checkpointing": p.grad_checkpointing,
                 "optim": p.optim, "dtype": p.dtype, "seq_len": p.seq_len,
                 "memory": {**p.memory.terms, "load_peak": p.memory.load_peak,

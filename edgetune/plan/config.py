@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from edgetune.config import option
 from edgetune.constants import BATCH_SIZE, GRAD_ACCUM
 from edgetune.errors import EdgetuneError
+from edgetune.methods import NAMES
 from edgetune.units import parse_size
 
 SIZE_HELP = "binary units: 8gb, 8GB, 8G and 8GiB all mean 8 x 2**30 bytes"
@@ -25,6 +26,9 @@ class PlanConfig:
     batch: int = option(BATCH_SIZE * GRAD_ACCUM, "effective batch (micro-batch x gradient "
                         "accumulation) to reach; the default is `edgetune train`'s")
     epochs: float = option(1.0, "passes over --data, for the time estimate")
+    method: str = option("lora", "adapter method to plan for (see edgetune train --method)",
+                         choices=NAMES)
+    virtual_tokens: int = option(20, "prompt, ptuning, prefix: virtual tokens per example")
     rank: int | None = option(None, "fix the LoRA rank instead of searching 64, 32, 16, 8, 4")
     dtype: str = option("auto", "compute dtype; auto: bf16 where the CPU or GPU has it, else fp32",
                         choices=("auto", "bf16", "fp32"))
@@ -46,7 +50,7 @@ class PlanConfig:
             raise EdgetuneError("--device cuda plans for GPU memory: pass --vram, e.g. --vram 6gb")
         if self.budget_bytes <= 0:
             raise EdgetuneError(f"{self.budget_flag} must be more than zero")
-        for name in ("seq_len", "batch", "rank", "nproc"):
+        for name in ("seq_len", "batch", "rank", "nproc", "virtual_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -10,10 +10,13 @@ Every constant below was measured on `edgetune train` (torch 2.13 CPU, transform
 bitsandbytes 0.50) and is checked by benchmarks/planner_accuracy.py.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from edgetune.constants import (DEQUANT_BUFFER_ELEMENTS, LEAN_MMAP_THRESHOLD, LOSS_BLOCK_ROWS,
                                 LOSS_LOGITS_ELEMENTS, WIDEN_ELEMENTS)
+from edgetune.methods import METHODS
+from edgetune.plan import adapters
 from edgetune.shape import DTYPE_BYTES, ModelShape
 
 MiB = 2**20
@@ -32,7 +35,6 @@ BNB_RUNTIME_BYTES = 12 * MiB
 SAFETY_MARGIN = 0.10
 NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax per 64 weights
 NF4_DQ_BLOCK = 256  # double quantization: absmax values quantized to 8 bits in blocks of 256
-OPTIM_8BIT_BLOCK = 256  # bitsandbytes 8-bit optimizer state: one fp32 scale per 256 values
 # Loading with conversion: linear weights in flight at once (read, widened, quantized), in units of
 # the largest one in the compute dtype (fitted on a Llama-3.2-1B shape loading to nf4).
 LOAD_IN_FLIGHT = 3
@@ -70,10 +72,21 @@ class Setting:
     double_quant: bool = True
     device: str = "cpu"
     grad_accum: int = 1  # micro-batches per optimizer step
+    method: str = "lora"  # edgetune.methods
+    virtual_tokens: int = 20  # prompt, ptuning, prefix
+    init_rank: int | None = None  # adalora (None: 1.5 x rank)
 
     @property
     def tokens(self) -> int:
         return self.batch_size * self.seq_len
+
+    @property
+    def positions(self) -> "Setting":
+        """The setting as the decoder sees it: prompt and P-tuning put their virtual tokens before
+        every example, so each row is that much longer."""
+        if not METHODS[self.method].soft_prompt:
+            return self
+        return dataclasses.replace(self, seq_len=self.seq_len + self.virtual_tokens)
 
 
 @dataclass(frozen=True)
@@ -138,20 +151,20 @@ def unquantized_bytes(shape: ModelShape, setting: Setting) -> int:
             + shape.small_params * compute_bytes(setting.dtype))
 
 
-def adapter_bytes(shape: ModelShape, rank: int) -> int:
-    """LoRA A and B matrices, kept in fp32."""
-    return 4 * shape.lora_params(rank)
+def trainable_tensors(shape: ModelShape, setting: Setting) -> list[int]:
+    """Element counts of the method's trainable tensors (edgetune.plan.adapters)."""
+    return adapters.trainable_tensors(shape, setting.method, setting.rank, setting.virtual_tokens,
+                                      setting.init_rank)
 
 
-def optimizer_bytes(shape: ModelShape, rank: int, optim: str) -> int:
+def adapter_bytes(shape: ModelShape, setting: Setting) -> int:
+    """The method's trainable tensors (LoRA's A and B, IA3's vectors, virtual tokens...), in fp32."""
+    return 4 * sum(trainable_tensors(shape, setting))
+
+
+def optimizer_bytes(shape: ModelShape, setting: Setting) -> int:
     """AdamW's two fp32 moments, or two uint8 states with one fp32 scale per block each."""
-    n = shape.lora_params(rank)
-    if optim == "adamw":
-        return 8 * n
-    blocks = shape.layers * sum(-(-rank * a // OPTIM_8BIT_BLOCK) + -(-rank * b // OPTIM_8BIT_BLOCK)
-                                for a, b in shape.linears())
-    # One uint8 state and one fp32 absmax per block for each moment; blocks are per tensor.
-    return 2 * n + 2 * 4 * blocks
+    return adapters.optimizer_bytes(trainable_tensors(shape, setting), setting.optim)
 
 
 def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int]:
@@ -170,18 +183,22 @@ def layer_activation_bytes(shape: ModelShape, setting: Setting) -> dict[str, int
     c = compute_bytes(setting.dtype)
     h, i, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
     share = c == 4  # the cast is a no-op: consumers of one tensor share its saved copy
-    n_qkv, n_gu = (1, 1) if share or shape.fused else (3, 2)
-    n_adapted = len(shape.linears())
+    # Prefix tuning trains on padded batches, where SDPA gets a mask and the keys and values are
+    # repeated to every query head.
+    kept_kv = q if setting.method == "prefix" else kv
     terms = {
         "norms": 4 * (h + 1) * shape.norms_per_layer,  # fp32 copy of each norm's input, its 1/rms
-        "lora inputs": 4 * (n_qkv * h + n_gu * h + q + i),
-        "lora A outputs": 4 * setting.rank * n_adapted,
-        "attention": c * (2 * q + 2 * kv) + 4 * shape.heads,  # q, k, v, output; fp32 logsumexp
+        **adapters.adapter_activations(shape, setting.method, setting.rank, c, share,
+                                       setting.init_rank, fused_lora(setting)),
+        "attention": c * (2 * q + 2 * kept_kv) + 4 * shape.heads,  # q, k, v, output; fp32 logsumexp
         "mlp": 3 * c * i,  # gate output (silu's input), silu output, up output
     }
     if shape.qk_norm:  # each head's query and key normalised: fp32 inputs and their 1/rms
         terms["attention"] += 4 * (q + kv) + 4 * (shape.heads + shape.kv_heads)
-    if setting.quant != "none" and not share and setting.device != "cpu":
+    if setting.method == "prefix":  # each layer's SDPA keeps its own mask over prefix and row
+        terms["attention mask"] = c * (setting.seq_len + setting.virtual_tokens)
+    if (setting.quant != "none" and not share and setting.device != "cpu"
+            and METHODS[setting.method].folds):
         # bitsandbytes' GPU layers keep their own compute-dtype input beside the adapter's fp32
         # copy; in fp32 the two are one tensor (measured: the same saved bytes with and without
         # nf4). On the CPU the trainer's 4/8-bit matmuls keep nothing (edgetune.train.fourbit).
@@ -202,14 +219,17 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> int:
     """
     per_layer = sum(layer_activation_bytes(shape, setting).values())
     c = compute_bytes(setting.dtype)
-    fused = fused_lora(setting)
+    lean = fused_lora(setting) or not METHODS[setting.method].folds
+    tokens = setting.positions.tokens
+    if setting.method == "prefix":  # each example's prefix keys and values, repeated to every head
+        per_layer += 2 * setting.virtual_tokens * shape.q_dim * c // setting.seq_len
     if setting.grad_checkpointing:
-        in_heap = setting.tokens * shape.hidden * 4 < LEAN_MMAP_THRESHOLD
-        residue = (CKPT_RESIDUE if fused else PEFT_CKPT_RESIDUE) if in_heap else 0.0
+        in_heap = tokens * shape.hidden * 4 < LEAN_MMAP_THRESHOLD
+        residue = (CKPT_RESIDUE if lean else PEFT_CKPT_RESIDUE) if in_heap else 0.0
         kept = shape.layers * (c * shape.hidden + residue * per_layer) + per_layer
-        return int(setting.tokens * kept)
-    factor = HEAP_FACTOR if fused else PEFT_HEAP_FACTOR
-    return int(setting.tokens * shape.layers * per_layer * factor)
+        return int(tokens * kept)
+    factor = HEAP_FACTOR if lean else PEFT_HEAP_FACTOR
+    return int(tokens * shape.layers * per_layer * factor)
 
 
 def recomputed_bytes(shape: ModelShape, setting: Setting) -> int:
@@ -217,11 +237,11 @@ def recomputed_bytes(shape: ModelShape, setting: Setting) -> int:
     whole backward pass (counted in activation_bytes)."""
     if not setting.grad_checkpointing:
         return 0
-    return setting.tokens * sum(layer_activation_bytes(shape, setting).values())
+    return setting.positions.tokens * sum(layer_activation_bytes(shape, setting).values())
 
 
 def gradient_bytes(shape: ModelShape, setting: Setting) -> int:
-    """LoRA gradients beyond the memory that the backward pass has freed by the time they peak.
+    """Adapter gradients beyond the memory that the backward pass has freed by the time they peak.
 
     The backward pass runs from the last layer to the first, and each layer frees its saved
     activations (its checkpoint, with checkpointing) as its adapters' gradients appear; the loss's
@@ -231,17 +251,21 @@ def gradient_bytes(shape: ModelShape, setting: Setting) -> int:
     first micro-batch stay through the next ones' activations, and count whole.
     """
     if setting.grad_accum > 1:
-        return adapter_bytes(shape, setting.rank)
+        return adapter_bytes(shape, setting)
     freed = (activation_bytes(shape, setting) - recomputed_bytes(shape, setting)
-             + loss_bytes(shape, setting))
-    return max(0, adapter_bytes(shape, setting.rank) - freed)
+             + loss_bytes(shape, setting.positions))
+    return max(0, adapter_bytes(shape, setting) - freed)
 
 
 def fused_lora(setting: Setting) -> bool:
-    """Whether the trainer's fused LoRA layers run (edgetune.train.lora): adapters in the compute
-    dtype (fp32; bf16 compute keeps fp32 adapters) over a dense base, or a 4/8-bit one on the CPU
-    (widened into the shared buffer); bitsandbytes' own layers on a GPU keep PEFT's forward."""
-    return setting.dtype == "fp32" and (setting.quant == "none" or setting.device == "cpu")
+    """Whether the trainer's fused layers run (edgetune.train.lora, .dora): LoRA or rsLoRA with
+    adapters in the compute dtype (fp32; bf16 compute keeps fp32 adapters) over a dense base, or a
+    4/8-bit one on the CPU (widened into the shared buffer); DoRA over a dense base only;
+    bitsandbytes' own layers on a GPU keep PEFT's forward. Methods that learn inputs have no adapter
+    layers at all: they count as lean too (activation_bytes)."""
+    quantized_cpu = setting.device == "cpu" and setting.method != "dora"
+    return METHODS[setting.method].fused and setting.dtype == "fp32" and (setting.quant == "none"
+                                                                          or quantized_cpu)
 
 
 def backward_work_bytes(shape: ModelShape, setting: Setting) -> int:
@@ -318,19 +342,23 @@ def breakdown(shape: ModelShape, setting: Setting) -> Breakdown:
         runtime = CUDA_CONTEXT_BYTES
     base = base_linear_bytes(shape, setting.quant, setting.dtype, setting.double_quant)
     kept = unquantized_bytes(shape, setting)
-    adapter = adapter_bytes(shape, setting.rank)
+    adapter = adapter_bytes(shape, setting)
     terms = {
         "runtime": runtime,
         "tokenizer": TOKENIZER_BYTES_PER_ENTRY * shape.vocab,
         "base weights": base,
         "embeddings+norms": kept,
-        "lora": adapter,
-        "lora grads": gradient_bytes(shape, setting),
-        "optimizer": optimizer_bytes(shape, setting.rank, setting.optim),
+        "adapter": adapter,
+        "adapter grads": gradient_bytes(shape, setting),
+        "optimizer": optimizer_bytes(shape, setting),
         "activations": activation_bytes(shape, setting),
-        "backward": backward_work_bytes(shape, setting),
-        "loss": loss_bytes(shape, setting),
+        "backward": backward_work_bytes(shape, setting.positions),
+        "loss": loss_bytes(shape, setting.positions),
         "dequant": temporary_bytes(shape, setting),
     }
+    if setting.method == "adalora":
+        terms["adalora scores"] = adapters.ADALORA_SCORES * adapter
+    if setting.method == "dora" and not fused_lora(setting):
+        terms["dora work"] = adapters.dora_work_bytes(shape)
     load = load_peak_bytes(shape, setting, runtime + terms["tokenizer"], base + kept)
     return Breakdown(terms, load)

@@ -5,10 +5,12 @@ Preference, documented and tested: precision first (bf16 base > int8 > nf4; fp32
 micro-batch up to the target batch). Gradient accumulation makes up the rest of the target batch.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from edgetune.errors import EdgetuneError
+from edgetune.methods import METHODS
 from edgetune.plan.memory import OPTIMS, QUANTS, RUNTIME_BYTES, Breakdown, Setting, breakdown
 from edgetune.shape import ModelShape
 from edgetune.units import format_size
@@ -32,23 +34,42 @@ class Plan:
     seq_len: int
     memory: Breakdown
     device: str = "cpu"
+    method: str = "lora"  # edgetune.methods
+    virtual_tokens: int = 20  # prompt, ptuning, prefix
+    init_rank: int | None = None  # adalora (None: 1.5 x rank)
 
     @property
     def setting(self) -> Setting:
         return Setting(self.quant, self.rank, self.batch_size, self.seq_len, self.grad_checkpointing,
-                       self.optim, self.dtype, device=self.device, grad_accum=self.grad_accum)
+                       self.optim, self.dtype, device=self.device, grad_accum=self.grad_accum,
+                       method=self.method, virtual_tokens=self.virtual_tokens,
+                       init_rank=self.init_rank)
 
     def describe(self) -> str:
         base = self.dtype if self.quant == "none" else self.quant
         ckpt = "checkpointing" if self.grad_checkpointing else "no checkpointing"
-        return (f"{base}, rank {self.rank}, batch {self.batch_size} x {self.grad_accum}, {ckpt}, "
+        return (f"{base}, {self._method_text()}, batch {self.batch_size} x {self.grad_accum}, {ckpt}, "
                 f"{self.optim}")
+
+    def _method_text(self) -> str:
+        chosen = METHODS[self.method]
+        if chosen.ranked:
+            return f"rank {self.rank}" if chosen.name == "lora" else f"{chosen.title} rank {self.rank}"
+        if chosen.virtual_tokens:
+            return f"{chosen.title}, {self.virtual_tokens} virtual tokens"
+        return chosen.title
 
     def train_flags(self) -> list[str]:
         """The `edgetune train` flags that run this plan."""
-        flags = ["--quant", self.quant, "--rank", str(self.rank), "--batch-size",
-                 str(self.batch_size), "--grad-accum", str(self.grad_accum), "--optim", self.optim,
-                 "--seq-len", str(self.seq_len), "--dtype", self.dtype]
+        chosen = METHODS[self.method]
+        flags = [] if chosen.name == "lora" else ["--method", chosen.name]
+        flags += ["--rank", str(self.rank)] if chosen.ranked else []
+        flags += ["--virtual-tokens", str(self.virtual_tokens)] if chosen.virtual_tokens else []
+        if chosen.name == "adalora" and self.init_rank is not None:
+            flags += ["--init-rank", str(self.init_rank)]
+        flags = ["--quant", self.quant] + flags + [
+            "--batch-size", str(self.batch_size), "--grad-accum", str(self.grad_accum), "--optim",
+            self.optim, "--seq-len", str(self.seq_len), "--dtype", self.dtype]
         return flags + ["--grad-checkpointing" if self.grad_checkpointing else "--no-grad-checkpointing"]
 
 
@@ -59,10 +80,15 @@ def _batches(target_batch: int) -> list[int]:
 
 def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_batch: int = 16,
                dtype: str = "bf16", quants: tuple[str, ...] = QUANTS,
-               ranks: tuple[int, ...] = RANKS, optims: tuple[str, ...] = OPTIMS) -> list[Plan]:
-    """Every setting of the search space, most preferred first, each with its breakdown."""
+               ranks: tuple[int, ...] = RANKS, optims: tuple[str, ...] = OPTIMS,
+               method: str = "lora", virtual_tokens: int = 20,
+               init_rank: int | None = None) -> list[Plan]:
+    """Every setting of the search space, most preferred first, each with its breakdown. Methods
+    without a rank (IA3, learned inputs) are planned once, at the first of `ranks`."""
     check_seq_len(shape, seq_len)
     plans = []
+    if not METHODS[method].ranked:
+        ranks = ranks[:1]
     for quant in quants:
         for optim in optims:
             for rank in ranks:
@@ -71,9 +97,11 @@ def candidates(shape: ModelShape, *, seq_len: int, device: str = "cpu", target_b
                         accum = math.ceil(target_batch / batch)
                         setting = Setting(quant=quant, rank=rank, batch_size=batch, seq_len=seq_len,
                                           grad_checkpointing=ckpt, optim=optim, dtype=dtype,
-                                          device=device, grad_accum=accum)
+                                          device=device, grad_accum=accum, method=method,
+                                          virtual_tokens=virtual_tokens, init_rank=init_rank)
                         plans.append(Plan(quant, rank, batch, accum, ckpt, optim, dtype, seq_len,
-                                          breakdown(shape, setting), device))
+                                          breakdown(shape, setting), device, method, virtual_tokens,
+                                          init_rank))
     plans.sort(key=_preference)
     return plans
 
@@ -154,6 +182,13 @@ def alternatives(plans: list[Plan], chosen: Plan, n: int = 3) -> list[Plan]:
     return out
 
 
+def _same(planned: Setting, ran: Setting) -> bool:
+    """Whether a plan is the run's own setting; the rank of a method without one does not count."""
+    if not METHODS[ran.method].ranked:
+        planned = dataclasses.replace(planned, rank=ran.rank)
+    return planned == ran
+
+
 def suggestion(shape: ModelShape, budget_bytes: int, *, ran: Setting, measured_peak: int,
                target_batch: int, budget_flag: str = "--ram") -> str:
     """One line for the trainer's memory guard: how the run's measured peak compares with the
@@ -165,9 +200,10 @@ def suggestion(shape: ModelShape, budget_bytes: int, *, ran: Setting, measured_p
            f"{format_size(measured_peak)} ({ratio:.2f}x)")
     scale = max(1.0, ratio)
     question = {"seq_len": ran.seq_len, "device": ran.device, "target_batch": target_batch,
-                "dtype": ran.dtype}
+                "dtype": ran.dtype, "method": ran.method, "virtual_tokens": ran.virtual_tokens,
+                "init_rank": ran.init_rank}
     others = [p for p in ranked(shape, budget_bytes, scale=scale, **question)
-              if p.setting != ran]
+              if not _same(p.setting, ran)]
     scaled = f" scaled by {scale:.2f}" if scale > 1 else ""
     if not others:
         least = smallest(shape, **question)

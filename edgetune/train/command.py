@@ -13,6 +13,7 @@ import yaml
 from edgetune import folders, models, templates
 from edgetune.errors import EdgetuneError
 from edgetune.folders import RUN_MARKERS, say
+from edgetune.methods import method
 from edgetune.records import read_jsonl
 from edgetune.runfiles import CHAT_TEMPLATE, RUN_CONFIG
 from edgetune.signals import stop_on_signals
@@ -206,24 +207,28 @@ def prepare(config: TrainConfig, run_dir: Path, task: Supervised | None = None,
     global_batch = config.batch_size * config.grad_accum * world.size
     steps_per_epoch = math.ceil(len(train_set) / global_batch)
     total = config.steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    model_lib.check_targets(model_dir, config.modules, method(config.method).name)
     return Setup(config, model_dir, device, dtype, tokenizer, train_set, eval_set, total, template,
                  task)
 
 
 def load_model(setup: Setup) -> Any:
-    """The base model with fresh LoRA layers (a resumed run loads its checkpoint into them)."""
+    """The base model with the method's fresh adapter (a resumed run loads its checkpoint into it)."""
+    from edgetune.train import adapters
     from edgetune.train import model as model_lib
 
     config = setup.config
+    chosen = method(config.method)
     base = model_lib.load_base(setup.model_dir, setup.dtype, setup.device, config.quant,
                                config.double_quant)
-    return model_lib.add_lora(base, config.rank, config.alpha, config.dropout, config.modules,
-                              config.seed, config.grad_checkpointing)
+    return model_lib.add_adapter(base, adapters.peft_config(config, setup.total), config.seed,
+                                 config.grad_checkpointing, fuse=chosen.fused, method_name=chosen.name)
 
 
 def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
          on_step: Callable | None, world: Any) -> Any:
     """Train (from checkpoint `start`, if any) and write the adapter (rank 0)."""
+    from edgetune.train import adapters
     from edgetune.train import model as model_lib
     from edgetune.train.checkpoint import save_adapter
     from edgetune.train.curves import update
@@ -237,17 +242,19 @@ def _run(setup: Setup, model: Any, run_dir: Path, start: Path | None,
     ranks = (f"; {world.size} processes x {config.grad_accum} x {config.batch_size} examples per step"
              if world.size > 1 else "")
     print(f"edgetune: {config.model}: {params / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable "
-          f"(LoRA rank {config.rank}); {len(setup.train_set)} train / {len(setup.eval_set)} eval "
+          f"({describe(config)}); {len(setup.train_set)} train / {len(setup.eval_set)} eval "
           f"examples; {total} steps on {setup.device} in {str(setup.dtype).removeprefix('torch.')}"
           f"{ranks}")
     optimizer = make_optimizer(config.optim, [p for p in model.parameters() if p.requires_grad],
                                config.lr, config.weight_decay, setup.device)
     scheduler = cosine_schedule(optimizer, int(config.warmup * total), total)
-    batches = Batches(setup.train_set, config.batch_size, config.seed, _pad_id(setup.tokenizer))
+    hooks = adapters.hooks(model, config.method)
+    batches = Batches(setup.train_set, config.batch_size, config.seed, _pad_id(setup.tokenizer),
+                      packed=hooks.packs)
     # --ram is this machine's: its processes share it, each watching its own part
     guard = MemoryGuard(parse_size(config.ram) // world.local_size) if config.ram else None
     loop = Loop(model, optimizer, scheduler, batches, setup.eval_set, run_dir, config, total, guard,
-                setup.task.objective(config), world)
+                setup.task.objective(config), world, hooks)
     if start is not None and world.main:
         loop.restore(start)
     loop.share()  # every rank starts from rank 0's adapter, optimizer state and data position
@@ -284,6 +291,19 @@ def _chat_template(config: TrainConfig, tokenizer: Any, records: dict,
     if text is not None:
         tokenizer.chat_template = text
     return config, text
+
+
+def describe(config: TrainConfig) -> str:
+    """The method and its size, e.g. 'LoRA rank 16' or 'prompt tuning, 20 virtual tokens'."""
+    chosen = method(config.method)
+    if chosen.name == "adalora":
+        return f"AdaLoRA rank {config.adalora_init_rank} pruned to {config.rank} on average"
+    if chosen.ranked:
+        return f"{chosen.title} rank {config.rank}"
+    if chosen.virtual_tokens:
+        return f"{chosen.title}, {config.virtual_tokens} virtual tokens"
+    return f"{chosen.title} on {', '.join(config.modules)}" if isinstance(config.modules, list) \
+        else chosen.title
 
 
 def _tokenizer(model_dir: Path) -> Any:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from edgetune.config import given_field, option
 from edgetune.constants import BATCH_SIZE, GRAD_ACCUM
 from edgetune.errors import EdgetuneError
+from edgetune.methods import IA3_TARGETS, NAMES, method
 from edgetune.units import parse_size
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -35,10 +36,16 @@ class TrainConfig:
     lr: float = option(2e-4, "peak learning rate")
     warmup: float = option(0.05, "share of the steps spent warming the learning rate up")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    rank: int = option(16, "LoRA rank")
-    alpha: float = option(32.0, "LoRA alpha (scale = alpha / rank)")
+    method: str = option("lora", "adapter method: lora, dora, rslora, adalora, ia3, prompt, ptuning "
+                         "or prefix (docs/methods.md compares them)", choices=NAMES)
+    rank: int = option(16, "LoRA rank (AdaLoRA: the average rank it prunes to)")
+    alpha: float = option(32.0, "LoRA alpha (scale = alpha / rank; rsLoRA: alpha / sqrt(rank))")
     dropout: float = option(0.0, "LoRA dropout")
-    target_modules: str = option("all-linear", "comma-separated module names to adapt, or all-linear")
+    init_rank: int | None = option(None, "adalora: the rank every module starts from before pruning "
+                                   "(default: 1.5 x --rank)")
+    virtual_tokens: int = option(20, "prompt, ptuning, prefix: virtual tokens prepended to every input")
+    target_modules: str | None = option(None, "comma-separated module names to adapt, or all-linear "
+                                        "(default: all-linear; ia3: k_proj,v_proj,down_proj)")
     dtype: str = option("auto", "compute dtype; auto: bf16 where the CPU or GPU has it, else fp32",
                         choices=("auto", "fp32", "bf16"))
     quant: str = option("none", "base weights: none (compute dtype), int8 or nf4 (QLoRA)",
@@ -75,7 +82,9 @@ class TrainConfig:
                     "grad_accum": self.grad_accum, "rank": self.rank,
                     "threads": 1 if self.threads is None else self.threads,
                     "nproc": 1 if self.nproc is None else self.nproc,
-                    "dist_timeout": self.dist_timeout}
+                    "dist_timeout": self.dist_timeout, "virtual_tokens": self.virtual_tokens}
+        if self.init_rank is not None:
+            positive["init_rank"] = self.init_rank
         for name, value in positive.items():
             if value < 1:
                 raise EdgetuneError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -97,13 +106,25 @@ class TrainConfig:
             raise EdgetuneError("--plan auto needs a budget: pass --ram, e.g. --ram 8gb")
         if self.resume and self.force:
             raise EdgetuneError("--resume continues a run and --force replaces it: pass only one")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        chosen = method(self.method)
+        if self.init_rank is not None and chosen.name != "adalora":
+            raise EdgetuneError(f"--init-rank is AdaLoRA's; --method {chosen.name} does not use it")
+        if chosen.name == "adalora" and self.adalora_init_rank < self.rank:
+            raise EdgetuneError(f"--init-rank {self.init_rank} is below --rank {self.rank}: AdaLoRA "
+                                "prunes from the initial rank down to --rank on average")
+        if self.target_modules is not None and not chosen.ranked and chosen.name != "ia3":
+            raise EdgetuneError(f"--target-modules does not apply to --method {chosen.name}: it adapts "
+                                "no layer, it learns inputs")
 
     def _check_values(self) -> None:
         if not 0 <= self.dropout < 1:
             raise EdgetuneError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.alpha <= 0 or self.weight_decay < 0:
             raise EdgetuneError("--alpha must be positive and --weight-decay 0 or more")
-        if not self.modules:
+        if self.target_modules is not None and not self.modules:
             raise EdgetuneError("--target-modules names no module: pass all-linear or names such "
                                 "as q_proj,v_proj")
         if self.ram is not None:
@@ -115,8 +136,16 @@ class TrainConfig:
             raise EdgetuneError("--output must name a folder")
 
     @property
-    def modules(self) -> str | list[str]:
-        """PEFT's target_modules: the string all-linear or a list of names."""
+    def adalora_init_rank(self) -> int:
+        """AdaLoRA's initial rank: given, or half again the target rank."""
+        return self.init_rank or max(self.rank, round(1.5 * self.rank))
+
+    @property
+    def modules(self) -> str | list[str] | None:
+        """PEFT's target_modules: the string all-linear, a list of names, or None for soft prompts."""
+        chosen = method(self.method)
+        if self.target_modules is None:
+            return list(IA3_TARGETS) if chosen.name == "ia3" else ("all-linear" if chosen.ranked else None)
         if self.target_modules == "all-linear":
             return "all-linear"
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]

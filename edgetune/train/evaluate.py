@@ -25,11 +25,11 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[dict]], max_
         width = max(len(x) for x in chunk)
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+        enc = {"input_ids": input_ids.to(model.device), "attention_mask": mask.to(model.device)}
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=stop_ids(tokenizer))
-        answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            new = _generate(model, enc, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=pad, eos_token_id=stop_ids(tokenizer))
+        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
     return [a.strip() for a in answers]
 
 
@@ -43,6 +43,42 @@ def stop_ids(tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return list(dict.fromkeys(ids))
+
+
+def _generate(model: Any, enc: Any, **settings: Any) -> Any:
+    """The generated tokens (prompt left out) of `model` for the left-padded batch `enc`."""
+    from edgetune.train.prompts import learns_inputs
+
+    if not learns_inputs(model):
+        return model.generate(**enc, **settings)[:, enc["input_ids"].shape[1]:]
+    return _generate_after_learned_inputs(model, enc, **settings)
+
+
+def _generate_after_learned_inputs(model: Any, enc: Any, **settings: Any) -> Any:
+    """Generation for prompt, P- and prefix tuning through the base model's own generate.
+
+    PEFT's generate (0.21) looks for the attention cache under `past_key_values`, which transformers
+    5.24 calls `cache`: finding none, it puts the virtual tokens in again before every new token, and
+    from the second token on its answers are not the model's. Here the
+    virtual tokens go in once, as training put them: embeddings before the text (the pads of a
+    left-padded row sit between them and the text, masked), or the prefix as the cache generation
+    starts from, which puts the text's positions after it.
+    """
+    import torch
+
+    from edgetune.train.prompts import cache_argument
+
+    config, base = model.active_peft_config, model.get_base_model()
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    mask = torch.cat([mask.new_ones(len(ids), config.num_virtual_tokens), mask], dim=1)
+    if config.peft_type == "PREFIX_TUNING":
+        cache = {cache_argument(model): model.get_prompt(len(ids))}
+        return base.generate(input_ids=ids, attention_mask=mask, **cache, **settings)[:, ids.shape[1]:]
+    tokens = base.get_input_embeddings()(ids)
+    prompt = model.get_prompt(batch_size=len(ids)).to(tokens.dtype)
+    # From inputs_embeds alone, generate returns only the new tokens.
+    return base.generate(inputs_embeds=torch.cat([prompt, tokens], dim=1), attention_mask=mask,
+                         **settings)
 
 
 def exact_match(model: Any, tokenizer: Any, records: list[dict], fmt: str,

@@ -14,6 +14,7 @@ from edgetune.errors import EdgetuneError
 from edgetune.runfiles import TRAIN_LOG
 from edgetune.signals import deferred
 from edgetune.train import checkpoint, curves
+from edgetune.train.adapters import Hooks
 from edgetune.train.data import Batches, Example, collate, n_tokens, pack
 from edgetune.train.distributed import PeerLost, World
 from edgetune.train.heap import MemoryGuard, peak_rss, rss
@@ -39,9 +40,10 @@ class Loop:
     def __init__(self, model: Any, optimizer: Any, scheduler: Any, batches: Batches,
                  eval_examples: list[Example], run_dir: Path, config: Any, total_steps: int,
                  guard: MemoryGuard | None, objective: Callable = causal_lm_loss,
-                 world: World | None = None):
+                 world: World | None = None, hooks: Hooks | None = None):
         self.objective = objective  # (model, batch) -> (sum of token losses, tokens)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.hooks = hooks or Hooks()  # what the method adds to a step (edgetune.train.adapters)
         self.batches, self.eval_examples, self.run_dir = batches, eval_examples, run_dir
         self.config, self.total_steps, self.guard = config, total_steps, guard
         self.world = world or World()
@@ -77,14 +79,18 @@ class Loop:
             loss_sum, _ = self.objective(self.model, to_device(batch, self.device))
             (loss_sum / n_labels).backward()
             total += loss_sum.item()
+        extra = self.hooks.extra_loss()  # once per step, as PEFT's forward adds it to the loss
+        if extra is not None and world.main:  # on one rank: the ranks' gradients are summed
+            extra.backward()
         total = world.sum_gradients(self.trainable, total)
         return total / n_labels, sum(n_tokens(b) for b in micro)
 
     def update(self) -> None:
-        """Apply the gradients: clip, optimizer and schedule, step count."""
+        """Apply the gradients: clip, optimizer and schedule, the method's after-step, step count."""
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.optimizer.step()
         self.scheduler.step()
+        self.hooks.after_step(self.step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
@@ -101,7 +107,8 @@ class Loop:
     def state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "data": self.batches.state(), "history": self.history,
-                "micro_batches": self.world.size * self.config.grad_accum}
+                "micro_batches": self.world.size * self.config.grad_accum,
+                "method": self.hooks.state()}
 
     def restore(self, path: Path) -> None:
         state = checkpoint.load(path, self.model)
@@ -123,14 +130,17 @@ class Loop:
         self.batches.load_state(state["data"])
         self.history = state.get("history", [])
         self.step = self.saved_step = state["step"]
+        self.hooks.load_state(state.get("method", {}))
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0; the other ranks only take note)."""
         self.saved_step = self.step
         if not self.world.main:
             return None
-        path = checkpoint.save(self.run_dir, self.step, self.model, self.state(),
-                               self.config.keep_checkpoints)
+        state = self.state()  # before the hooks change what the adapter saves
+        with self.hooks.checkpointing():
+            path = checkpoint.save(self.run_dir, self.step, self.model, state,
+                                   self.config.keep_checkpoints)
         curves.update(self.run_dir, title=self.config.output)
         return path
 

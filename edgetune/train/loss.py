@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from edgetune.constants import IGNORE, LOSS_BLOCK_ROWS, LOSS_LOGITS_ELEMENTS, WIDEN_ELEMENTS
+from edgetune.train.prompts import decoder_inputs, learns_inputs
 
 
 def block_rows(weight: torch.Tensor, dtype: torch.dtype) -> int:
@@ -114,8 +115,11 @@ def labelled_hidden(model: Any, batch: dict) -> tuple[Any, torch.Tensor, torch.T
     decoder, head = causal_lm.model, causal_lm.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("output layers with a bias are not supported")
-    hidden = decoder(**_inputs(batch), use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    inputs, labels = _inputs(batch), batch["labels"]
+    if learns_inputs(model):  # prompt, P- and prefix tuning: their virtual tokens go in first
+        inputs, labels = decoder_inputs(model, batch)
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
     keep = targets != IGNORE
     cap = getattr(causal_lm.config, "final_logit_softcapping", None)
     return head, hidden[:, :-1][keep], targets[keep], cap

@@ -226,27 +226,42 @@ def keep_4bit_layout_trainable(model: Any) -> None:
 
 def add_lora(model: Any, rank: int, alpha: float, dropout: float, modules: str | list[str],
              seed: int, grad_checkpointing: bool) -> Any:
-    """Wrap the base in a PEFT LoRA model (adapter weights fp32 for stable updates), with LoRA layers
-    computed in place (edgetune.train.lora) and RMSNorm layers fused (edgetune.train.norm)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
+    """Wrap the base in a PEFT LoRA model with LoRA layers computed in place (edgetune.train.lora) and
+    RMSNorm layers fused (edgetune.train.norm)."""
+    from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules,
                         task_type="CAUSAL_LM", bias="none")
+    return add_adapter(model, config, seed, grad_checkpointing, fuse=True)
+
+
+def add_adapter(model: Any, config: Any, seed: int, grad_checkpointing: bool, fuse: bool,
+                method_name: str = "lora") -> Any:
+    """Wrap the base in a PEFT model for the PEFT `config` (adapter weights fp32 for stable updates);
+    with `fuse`, LoRA and DoRA layers are computed in place (edgetune.train.lora, .dora) and RMSNorm
+    layers fused (edgetune.train.norm)."""
+    import torch
+    from peft import get_peft_model
+
     torch.manual_seed(seed)
     try:
         with warnings.catch_warnings():  # PEFT reads transformers' deprecated name for checkpointing
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             peft_model = get_peft_model(model, config)
-    except ValueError as exc:
-        raise EdgetuneError(f"--target-modules {modules}: {str(exc).splitlines()[0]}") from None
-    from edgetune.train.lora import fuse_lora
-    from edgetune.train.norm import fuse_norms
+    except ValueError as exc:  # e.g. target modules the architecture does not have
+        modules = getattr(config, "target_modules", None)
+        given = f" --target-modules {_listed(modules)}" if modules else ""
+        raise EdgetuneError(f"--method {method_name}{given}: {str(exc).splitlines()[0]}") from None
+    if fuse:
+        from edgetune.train.dora import fuse_dora
+        from edgetune.train.lora import fuse_lora
+        from edgetune.train.norm import fuse_norms
 
-    fuse_lora(peft_model)
-    fuse_norms(peft_model)
+        fuse_lora(peft_model)
+        fuse_dora(peft_model)
+        fuse_norms(peft_model)
     if grad_checkpointing:
-        checkpoint_layers(peft_model.base_model.model)
+        checkpoint_layers(peft_model.get_base_model())
     return peft_model
 
 
@@ -257,6 +272,29 @@ def checkpoint_layers(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:  # transformers before the rename
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_targets(model_dir: Path, modules: Any, method_name: str) -> None:
+    """Name a listed target module the model lacks, before its weights load: PEFT would adapt the
+    modules it finds and skip the others silently. The layout comes from config.json alone (the
+    model is built on the meta device)."""
+    if not modules or isinstance(modules, str):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    linear = {n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules()
+              if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    missing = sorted(set(modules) - linear)
+    if missing:
+        raise EdgetuneError(f"--method {method_name} --target-modules {_listed(modules)}: the model "
+                            f"has no {', '.join(missing)}; its linear layers are {', '.join(sorted(linear))}")
+
+
+def _listed(modules: Any) -> str:
+    return modules if isinstance(modules, str) else ",".join(sorted(modules))
 
 
 def parameter_counts(model: Any) -> tuple[int, int]:
