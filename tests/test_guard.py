@@ -70,14 +70,14 @@ def test_plan_and_train_plan_auto_answer_the_same_question(tiny_model, text_file
 
 def test_a_stop_says_measured_against_predicted_and_suggests_other_settings(tiny_model, text_file,
                                                                             tmp_path, capsys):
-    from edgetune.train.heap import peak_rss
+    from edgetune.train.heap import rss
 
-    budget = f"{peak_rss() // 2**20 - 1}mb"  # already passed: this process's peak counts
+    budget = f"{rss() // 2**20 - 1}mb"  # already passed: the run's peak starts at the process's RSS
     summary = train(tiny_config(tiny_model, text_file, tmp_path / "run", ram=budget, steps=4))
     assert summary.stopped_for_memory and summary.steps == 1
     line = capsys.readouterr().out.splitlines()[-1]
     assert line.startswith(f"edgetune: stopped at step 1 to stay inside --ram {budget}: peak memory ")
     assert "passed the --ram budget" in line
-    # The test process's own peak is what the guard reads: the ratio may fall on either side of 1.
+    # The test process's RSS is in the run's peak: the ratio may fall on either side of 1.
     assert re.search(r"The planner predicted [\d.]+ \w+ for these settings; measured [\d.]+ \w+ "
                      r"\([\d.]+x\); with predictions( scaled by [\d.]+)?, ", line)
