@@ -52,9 +52,9 @@ def held_out_accuracy(model_dir: Path, adapter: Path | None, records: list[dict]
         tokenizer.chat_template = template
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
-        from peft import PeftModel
+        from edgetune.train.model import load_adapter
 
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter)
     return exact_match(model, tokenizer, records, "alpaca", max_new_tokens=16)
 
 

@@ -114,16 +114,15 @@ def torch_and_llama_answers(run: Path, gguf: Path, soft_prompt: Path, records: l
     """(torch's greedy answer with the run's adapter, llama.cpp's with `gguf` and `soft_prompt`) for
     each alpaca record's prompt, one prompt at a time (no padding on either side)."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgetune.records import prompt_messages
     from edgetune.train.evaluate import generate_answers
+    from edgetune.train.model import load_adapter
 
     base_dir = json.loads((Path(run) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                      run)
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), run)
     pairs = []
     for record in records:
         messages = prompt_messages(record, "alpaca")

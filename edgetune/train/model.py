@@ -1,5 +1,6 @@
 """Loading the base model for training: device, compute dtype, optional 4/8-bit base, LoRA on top."""
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -245,8 +246,7 @@ def add_adapter(model: Any, config: Any, seed: int, grad_checkpointing: bool, fu
 
     torch.manual_seed(seed)
     try:
-        with warnings.catch_warnings():  # PEFT reads transformers' deprecated name for checkpointing
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        with quiet_peft():
             peft_model = get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules the architecture does not have
         modules = getattr(config, "target_modules", None)
@@ -305,3 +305,19 @@ def parameter_counts(model: Any) -> tuple[int, int]:
         shape = getattr(getattr(p, "quant_state", None), "shape", None)
         total += shape.numel() if shape is not None else p.numel()
     return trainable, total
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT reads transformers' deprecated name for checkpointing whenever it wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
+def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """A saved PEFT adapter over `model` (PeftModel.from_pretrained), for inference."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, adapter_dir)
