@@ -30,6 +30,18 @@ def read_config(model_dir: str | Path) -> dict:
     return config
 
 
+def read_supported_config(model_dir: str | Path, supported: dict[str, str], exporter: str) -> dict:
+    """config.json of a model folder whose architecture is one of `supported` ({model_type:
+    architecture class}); otherwise one line naming it and the supported ones."""
+    config = read_config(model_dir)
+    model_type = config.get("model_type")
+    architecture = (config.get("architectures") or [None])[0]
+    if model_type not in supported or architecture != supported[model_type]:
+        raise EdgetuneError(f"{exporter} does not support {architecture or model_type}; "
+                            f"supported architectures: {', '.join(supported)}")
+    return config
+
+
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of an HF folder (one, or the shards its index names)."""
     model_dir = Path(model_dir)

@@ -45,13 +45,7 @@ DECODE_TOKENS = 32
 
 def read_config(model_dir: Path) -> dict:
     """config.json of a merged folder, checked against the supported architectures."""
-    config = hf.read_config(model_dir)
-    model_type = config.get("model_type")
-    architecture = (config.get("architectures") or [None])[0]
-    if model_type not in SUPPORTED or architecture != SUPPORTED[model_type]:
-        raise EdgetuneError(f"ONNX export does not support {architecture or model_type} yet; "
-                            f"supported architectures: {', '.join(SUPPORTED)}")
-    return config
+    return hf.read_supported_config(model_dir, SUPPORTED, "ONNX export")
 
 
 def export_onnx(model_dir: Path, out_dir: Path, precision: str, generic: bool,

@@ -68,13 +68,7 @@ def unavailable() -> dict[str, str]:
 
 def read_config(model_dir: Path, fmt: str) -> dict:
     """config.json of the merged model, refusing architectures not round-tripped through `fmt`."""
-    config = hf.read_config(model_dir)
-    model_type = config.get("model_type")
-    architecture = (config.get("architectures") or [None])[0]
-    if model_type not in SUPPORTED or architecture != SUPPORTED[model_type]:
-        raise EdgetuneError(f"{RUNTIMES[fmt][0]} export does not support {architecture or model_type}; "
-                            f"supported architectures: {', '.join(SUPPORTED)}")
-    return config
+    return hf.read_supported_config(model_dir, SUPPORTED, f"{RUNTIMES[fmt][0]} export")
 
 
 def cache_length(config: dict, ctx: int, quiet: bool = False) -> int:
