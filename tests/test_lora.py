@@ -42,6 +42,18 @@ def _loss_and_grads(model, ids: torch.Tensor) -> tuple:
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_without_the_fused_forward(model, ids: torch.Tensor, modules: list, loss, grads) -> None:
+    """The loss and gradients of `model` (computed through the fused forwards set on `modules`) equal
+    those of the modules' own forward: the class method the instance attribute shadows."""
+    for m in modules:
+        del m.forward
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_ref.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("arch,quant,checkpointing", [
     ("llama", "none", False), ("qwen2", "none", False), ("llama", "nf4", False),
     ("llama", "none", True)])
@@ -59,13 +71,7 @@ def test_fused_lora_matches_peft(tiny_factory, arch, quant, checkpointing):
     with _fused_calls() as calls:
         loss, grads = _loss_and_grads(model, ids)
     assert len(calls) >= len(layers)  # every layer took the fused path
-    for m in layers:  # PEFT's own forward, the class method the instance attribute shadows
-        del m.forward
-    loss_ref, grads_ref = _loss_and_grads(model, ids)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == grads_ref.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_without_the_fused_forward(model, ids, layers, loss, grads)
 
 
 def test_peft_features_fall_back_to_peft(tiny_model):

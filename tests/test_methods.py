@@ -3,12 +3,12 @@ AdaLoRA's regulariser, and a quantized base."""
 
 import pytest
 import torch
+from test_packing import examples
 
-from edgetune.constants import IGNORE
 from edgetune.methods import METHODS
 from edgetune.train.adapters import hooks, peft_config
 from edgetune.train.config import TrainConfig
-from edgetune.train.data import Example, collate, pack
+from edgetune.train.data import collate, pack
 from edgetune.train.loss import causal_lm_loss
 from edgetune.train.model import add_adapter, load_base, parameter_counts
 
@@ -39,15 +39,6 @@ def build(tiny_model, method: str, quant: str = "none", seed: int = 1):
                 p.copy_(p * (1 + 0.2 * torch.randn_like(p)) if "ia3" in name or "magnitude" in name
                         else torch.randn_like(p) * 0.1)
     return model
-
-
-def examples(lengths: list[int], seed: int = 0) -> list[Example]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for n in lengths:
-        ids = torch.randint(3, 250, (n,), generator=g).tolist()
-        out.append(Example(ids, [IGNORE] * (n // 3) + ids[n // 3:]))
-    return out
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED_TRAINABLE))

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_lora import _loss_and_grads, assert_same_without_the_fused_forward
 
 from edgetune.train.model import add_lora, load_base
 from edgetune.train.norm import _RMSNorm, fuse_norms
@@ -9,13 +10,6 @@ from edgetune.train.norm import _RMSNorm, fuse_norms
 
 def _norms(model) -> list:
     return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
-
-
-def _loss_and_grads(model, ids: torch.Tensor) -> tuple:
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids).logits.square().mean()
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3 also norms queries and keys per head
@@ -41,13 +35,7 @@ def test_fused_norms_match_the_models_own(tiny_factory, arch):
     finally:
         _RMSNorm.apply = real
     assert len(calls) == len(norms)
-    for m in norms:  # the class's own forward, which the instance attribute shadows
-        del m.forward
-    loss_ref, grads_ref = _loss_and_grads(model, ids)
-    torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == grads_ref.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_without_the_fused_forward(model, ids, norms, loss, grads)
 
 
 def test_gemma_style_offset_and_other_norms():
